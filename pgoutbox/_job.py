@@ -1,0 +1,128 @@
+"""The records that cross pgoutbox's boundary: jobs as stored, claimed and enqueued."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+
+import msgspec
+
+__all__ = ["ClaimedJob", "Job", "JobError", "JobRecord", "JobState", "Outcome"]
+
+
+class JobState(StrEnum):
+    """Where a job is in its lifecycle.
+
+    ``scheduled``/``available`` → ``running`` → ``completed``, or
+    ``retryable`` → … → ``failed``; ``cancelled`` from any waiting state.
+    """
+
+    SCHEDULED = "scheduled"
+    """Enqueued with a delay; runs when ``run_at`` comes."""
+    AVAILABLE = "available"
+    """Ready to run now."""
+    RUNNING = "running"
+    """Claimed by a worker."""
+    RETRYABLE = "retryable"
+    """An attempt failed; waits for ``run_at`` to be retried."""
+    COMPLETED = "completed"
+    """The handler returned."""
+    FAILED = "failed"
+    """Out of attempts or not retryable; kept with its errors (the dead-letter view)."""
+    CANCELLED = "cancelled"
+    """Cancelled before it finished."""
+
+
+class Job(msgspec.Struct, frozen=True, kw_only=True):
+    """A handle on an enqueued job, returned by `Queue.enqueue`.
+
+    Attributes:
+        id: the job's id, unique in its schema.
+        task: the task name.
+        queue: the queue it waits in.
+        run_at: when it becomes available (the database's clock).
+    """
+
+    id: int
+    task: str
+    queue: str
+    run_at: datetime
+
+
+class JobError(msgspec.Struct, frozen=True, kw_only=True):
+    """One failed attempt, as recorded in a job's error history.
+
+    Attributes:
+        attempt: the attempt that failed (1 for the first run).
+        at: when it failed (the worker's clock, UTC).
+        type: the exception's qualified type name.
+        message: ``str()`` of the exception.
+        traceback: the formatted traceback, if any.
+    """
+
+    attempt: int
+    at: datetime
+    type: str
+    message: str
+    traceback: str | None = None
+
+
+class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A job row as stored, returned by `Queue.get_job`.
+
+    Attributes:
+        id: the job's id.
+        queue: the queue it waits in.
+        task: the task name.
+        args: the encoded arguments (JSON text).
+        priority: higher runs first.
+        state: where the job is in its lifecycle.
+        attempt: how many times it was claimed.
+        max_attempts: the most attempts it gets.
+        run_at: when it is (or was) due.
+        created_at: when it was enqueued.
+        attempted_at: when it was last claimed.
+        finished_at: when it reached a final state.
+        errors: the error of every failed attempt, oldest first.
+    """
+
+    id: int
+    queue: str
+    task: str
+    args: str
+    priority: int
+    state: JobState
+    attempt: int
+    max_attempts: int
+    run_at: datetime
+    created_at: datetime
+    attempted_at: datetime | None
+    finished_at: datetime | None
+    errors: tuple[JobError, ...]
+
+
+class ClaimedJob(msgspec.Struct, frozen=True, kw_only=True):
+    """A job a worker has claimed and is about to run (internal to the worker)."""
+
+    id: int
+    queue: str
+    task: str
+    args: str
+    priority: int
+    attempt: int
+    max_attempts: int
+    created_at: datetime
+
+
+class Outcome(msgspec.Struct, frozen=True):
+    """How one attempt ended, as the completer writes it (internal to the worker).
+
+    `delay` is set when the job goes back to waiting (seconds from now);
+    `error` is a JSON-encoded `JobError` when the attempt failed.
+    """
+
+    id: int
+    attempt: int
+    state: JobState
+    delay: float | None = None
+    error: str | None = None

@@ -1,0 +1,372 @@
+"""The queue: the task registry, transactional enqueue, migrations."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any, Final, ParamSpec, Protocol, Self, TypeVar, overload
+
+import msgspec
+import psycopg
+
+from . import _store
+from ._connection import Connection
+from ._job import Job, JobRecord
+from ._pool import Pool
+from ._sql import Statements, load_migrations, load_statements
+from ._task import (
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_PRIORITY,
+    DEFAULT_QUEUE,
+    RetryPolicy,
+    Task,
+    validate_name,
+    validate_priority,
+)
+from .errors import ConfigurationError, PayloadError, SchemaError, TaskNotFoundError
+
+__all__ = ["DEFAULT_SCHEMA", "DSN_ENV", "ConnectionSource", "Queue", "TaskRef"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+DEFAULT_SCHEMA: Final = "pgoutbox"
+"""The schema that holds pgoutbox's tables unless `Queue` is given another."""
+
+DSN_ENV: Final = "PGOUTBOX_DSN"
+"""The environment variable `Queue` reads its connection string from by default."""
+
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,47}$")
+
+
+class ConnectionSource(Protocol):
+    """Anything with a ``connection()`` context manager.
+
+    For example a `psycopg_pool.AsyncConnectionPool` (asyncio only) or a `Pool`.
+    """
+
+    def connection(self) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
+        """Borrow a connection for the duration of the block."""
+        ...
+
+
+class TaskRef(msgspec.Struct, frozen=True, kw_only=True):
+    """A task known only by name, for producers that do not import its handler.
+
+    ``await queue.enqueue(conn, "billing.charge", order_id=7)`` uses the
+    defaults below; pass a `TaskRef` to choose the queue and the rest. Its
+    arguments are checked by the worker, not at enqueue.
+
+    Attributes:
+        name: the task name the worker registered.
+        queue: the queue the worker consumes for it.
+        priority: higher runs first.
+        max_attempts: attempts in all.
+        delay: seconds from now before the job may run.
+        run_at: an aware datetime before which the job does not run.
+    """
+
+    name: str
+    queue: str = DEFAULT_QUEUE
+    priority: int = DEFAULT_PRIORITY
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    delay: float = 0.0
+    run_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        validate_name("task", self.name)
+        validate_name("queue", self.queue)
+        validate_priority(self.priority)
+        if isinstance(self.max_attempts, bool) or self.max_attempts < 1:
+            raise ConfigurationError(f"max_attempts must be >= 1, got {self.max_attempts!r}")
+        if isinstance(self.delay, bool) or not self.delay >= 0:
+            raise ConfigurationError(f"delay must be >= 0 seconds, got {self.delay!r}")
+        if self.run_at is not None and self.run_at.tzinfo is None:
+            raise ConfigurationError(f"run_at must be timezone-aware, got {self.run_at!r}")
+
+
+class Queue:
+    """A pgoutbox installation: where jobs are stored, and the tasks that run them.
+
+    Args:
+        conninfo: libpq connection string for migrations, workers and
+            `connection`; defaults to the ``PGOUTBOX_DSN`` environment variable,
+            read when first needed (so producers that only call `enqueue` on
+            their own connections need none).
+        pool: connections to lend from `connection` instead of pgoutbox's own
+            pool, e.g. a `psycopg_pool.AsyncConnectionPool` (asyncio only).
+        schema: the PostgreSQL schema of pgoutbox's tables.
+
+    Raises:
+        ConfigurationError: the schema name is not a plain lower-case identifier.
+    """
+
+    def __init__(
+        self,
+        conninfo: str | None = None,
+        *,
+        pool: ConnectionSource | None = None,
+        schema: str = DEFAULT_SCHEMA,
+    ) -> None:
+        if not isinstance(schema, str) or not _SCHEMA_NAME.fullmatch(schema):
+            raise ConfigurationError(
+                f"invalid schema name {schema!r}: use 1-48 characters from a-z, 0-9 and '_', "
+                "starting with a letter or '_'"
+            )
+        self.schema = schema
+        self.channel = f"{schema}_jobs"
+        self.statements: Statements = load_statements(schema)
+        self._conninfo = conninfo
+        self._pool = pool
+        self._own_pool: Pool | None = None
+        self._tasks: dict[str, Task[Any, Any]] = {}
+
+    def __repr__(self) -> str:
+        return f"<Queue schema={self.schema!r} tasks={len(self._tasks)}>"
+
+    @property
+    def conninfo(self) -> str:
+        """The connection string: as given, else ``$PGOUTBOX_DSN``, else the pool's."""
+        found = self._conninfo or os.environ.get(DSN_ENV) or getattr(self._pool, "conninfo", None)
+        if not found:
+            raise ConfigurationError(
+                f"no database to connect to: pass Queue(conninfo=...) or set {DSN_ENV}"
+            )
+        return str(found)
+
+    # -- registry ------------------------------------------------------------
+
+    @property
+    def tasks(self) -> Mapping[str, Task[Any, Any]]:
+        """The registered tasks by name (read-only view)."""
+        return dict(self._tasks)
+
+    def get_task(self, name: str) -> Task[Any, Any]:
+        """The task registered as `name`.
+
+        Raises:
+            TaskNotFoundError: no task of that name is registered here.
+        """
+        try:
+            return self._tasks[name]
+        except KeyError:
+            raise TaskNotFoundError(
+                f"no task named {name!r} is registered on {self!r}; "
+                f"registered: {sorted(self._tasks) or 'none'}"
+            ) from None
+
+    @overload
+    def task(self, fn: Callable[P, Awaitable[R]], /) -> Task[P, R]: ...
+
+    @overload
+    def task(
+        self,
+        *,
+        name: str | None = None,
+        queue: str = DEFAULT_QUEUE,
+        priority: int = DEFAULT_PRIORITY,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+    ) -> Callable[[Callable[P, Awaitable[R]]], Task[P, R]]: ...
+
+    def task(
+        self,
+        fn: Callable[..., Awaitable[Any]] | None = None,
+        *,
+        name: str | None = None,
+        queue: str = DEFAULT_QUEUE,
+        priority: int = DEFAULT_PRIORITY,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Register an ``async def`` handler as a task; use bare or with options.
+
+        Args:
+            name: the task name; defaults to ``"<module>.<qualname>"``. Keep it
+                stable: it is stored in every job.
+            queue: the queue its jobs wait in.
+            priority: its jobs' priority; higher runs first.
+            retry: its retry policy; defaults to `RetryPolicy()`.
+            timeout: seconds an attempt may run before it is cancelled and
+                counted as failed; None for no limit.
+
+        Raises:
+            ConfigurationError: an option is invalid, the name is taken, or a
+                parameter cannot be encoded.
+        """
+
+        def register(handler: Callable[..., Awaitable[Any]]) -> Task[Any, Any]:
+            task_name = name or f"{handler.__module__}.{handler.__qualname__}"
+            if task_name in self._tasks:
+                raise ConfigurationError(f"a task named {task_name!r} is already registered")
+            task = Task(
+                handler,
+                name=task_name,
+                queue=queue,
+                priority=priority,
+                retry=retry or RetryPolicy(),
+                timeout=timeout,
+            )
+            self._tasks[task_name] = task
+            return task
+
+        return register if fn is None else register(fn)
+
+    # -- enqueue -------------------------------------------------------------
+
+    @overload
+    async def enqueue(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        task: Task[P, Any],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> Job: ...
+
+    @overload
+    async def enqueue(
+        self, conn: psycopg.AsyncConnection[Any], task: str | TaskRef, /, **kwargs: Any
+    ) -> Job: ...
+
+    async def enqueue(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        task: Task[Any, Any] | str | TaskRef,
+        /,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Job:
+        """Write a job, and its wake-up NOTIFY, on the caller's connection.
+
+        Inside a transaction, the job and the notification exist only if that
+        transaction commits; on an autocommit connection the single statement
+        commits both at once. Enqueue never opens or commits a transaction.
+
+        Args:
+            conn: the caller's psycopg async connection.
+            task: a `Task`, a task name, or a `TaskRef`.
+            *args: the handler's arguments (a `Task` only).
+            **kwargs: the handler's keyword arguments.
+
+        Returns:
+            A handle with the job's id.
+
+        Raises:
+            PayloadError: the arguments do not fit the task; nothing is written.
+        """
+        if isinstance(task, str):
+            registered = self._tasks.get(task)
+            task = registered if registered is not None else TaskRef(name=task)
+        if isinstance(task, Task):
+            payload = task.encode_args(args, kwargs)
+            name, queue, priority = task.name, task.queue, task.priority
+            max_attempts, delay, run_at = task.retry.max_attempts, task.delay, task.run_at
+        else:
+            if args:
+                raise PayloadError(
+                    task.name, "a task enqueued by name takes keyword arguments only"
+                )
+            try:
+                payload = msgspec.json.encode(kwargs).decode()
+            except (TypeError, msgspec.EncodeError) as ex:
+                raise PayloadError(
+                    task.name, f"cannot encode the arguments as JSON: {ex}"
+                ) from None
+            name, queue, priority = task.name, task.queue, task.priority
+            max_attempts, delay, run_at = task.max_attempts, task.delay, task.run_at
+        delayed = delay > 0 or (run_at is not None and run_at > datetime.now(UTC))
+        job_id, due = await _store.job_insert(
+            conn,
+            self.statements,
+            queue=queue,
+            task=name,
+            args=payload,
+            priority=priority,
+            max_attempts=max_attempts,
+            run_at=run_at,
+            delay=delay,
+            channel=None if delayed else self.channel,
+        )
+        return Job(id=job_id, task=name, queue=queue, run_at=due)
+
+    # -- database ------------------------------------------------------------
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """Borrow a connection from the queue's pool (autocommit) for the block.
+
+        Handy for scripts: ``async with queue.connection() as conn,
+        conn.transaction(): await queue.enqueue(conn, ...)``.
+        """
+        if self._pool is not None:
+            async with self._pool.connection() as conn:
+                yield conn
+            return
+        if self._own_pool is None:
+            self._own_pool = Pool(self.conninfo)
+        async with self._own_pool.connection() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def _dedicated_connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A connection for a one-off admin task, closed afterwards if it is our own."""
+        if self._pool is not None:
+            async with self._pool.connection() as conn:
+                yield conn
+            return
+        async with await Connection[Any].connect(self.conninfo, autocommit=True) as conn:
+            yield conn
+
+    async def migrate(self) -> list[int]:
+        """Create or upgrade the schema; safe to run from many processes at once.
+
+        Returns:
+            The migration versions this call applied (empty when up to date).
+        """
+        async with self._dedicated_connection() as conn:
+            return await _store.migrate(conn, self.statements, self.schema)
+
+    async def check_schema(self, conn: psycopg.AsyncConnection[Any] | None = None) -> int:
+        """Verify the schema is installed and current; return its version.
+
+        Raises:
+            SchemaError: the schema is missing or older than this pgoutbox.
+        """
+        if conn is None:
+            async with self._dedicated_connection() as own:
+                return await self.check_schema(own)
+        version = await _store.schema_version(conn, self.statements)
+        latest = len(load_migrations(self.schema))
+        if version is None:
+            raise SchemaError(
+                f"pgoutbox schema {self.schema!r} is not installed: run "
+                "`python -m pgoutbox migrate <module>:<queue>` or `await queue.migrate()`"
+            )
+        if version < latest:
+            raise SchemaError(
+                f"pgoutbox schema {self.schema!r} is at version {version}, this pgoutbox needs "
+                f"{latest}: run `python -m pgoutbox migrate <module>:<queue>` or "
+                "`await queue.migrate()`"
+            )
+        return version
+
+    async def get_job(self, job_id: int) -> JobRecord | None:
+        """The job with this id as stored now, or None if there is none."""
+        async with self.connection() as conn:
+            return await _store.job_get(conn, self.statements, job_id)
+
+    async def aclose(self) -> None:
+        """Close the queue's own pool (not a pool that was passed in)."""
+        if self._own_pool is not None:
+            pool, self._own_pool = self._own_pool, None
+            await pool.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()

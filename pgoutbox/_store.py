@@ -1,0 +1,225 @@
+"""The only module that executes SQL: one function per named statement.
+
+Each function takes the connection to run on and the `Statements` rendered for
+the queue's schema; none opens a transaction unless its docstring says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import msgspec
+import psycopg
+from psycopg import sql
+
+from ._job import ClaimedJob, JobError, JobRecord, JobState, Outcome
+from ._sql import Statements, load_migrations
+
+__all__ = [
+    "job_get",
+    "job_get_available",
+    "job_get_next_due",
+    "job_insert",
+    "job_set_outcome_many",
+    "listen",
+    "migrate",
+    "schema_version",
+    "worker_delete",
+    "worker_register",
+]
+
+AnyConnection = psycopg.AsyncConnection[Any]
+
+_error_decoder = msgspec.json.Decoder(JobError)
+
+
+async def schema_version(conn: AnyConnection, st: Statements) -> int | None:
+    """The highest applied migration, or None when the schema is not installed."""
+    try:
+        async with conn.transaction():
+            cur = await conn.execute(st.schema_version)
+            row = await cur.fetchone()
+    except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
+        return None
+    return None if row is None else row[0]
+
+
+async def migrate(conn: AnyConnection, st: Statements, schema: str) -> list[int]:
+    """Apply the missing migrations in one transaction, under an advisory lock.
+
+    Concurrent callers queue on the lock; the later ones find nothing to do.
+    Returns the versions this call applied.
+    """
+    applied_now: list[int] = []
+    async with conn.transaction():
+        await conn.execute(st.migration_lock, {"schema": schema})
+        await conn.execute(st.migration_table_create)
+        cur = await conn.execute(st.migration_applied_list)
+        applied = {row[0] for row in await cur.fetchall()}
+        for migration in load_migrations(schema):
+            if migration.version in applied:
+                continue
+            await conn.execute(migration.script)
+            await conn.execute(
+                st.migration_record, {"version": migration.version, "name": migration.name}
+            )
+            applied_now.append(migration.version)
+    return applied_now
+
+
+async def job_insert(
+    conn: AnyConnection,
+    st: Statements,
+    *,
+    queue: str,
+    task: str,
+    args: str,
+    priority: int,
+    max_attempts: int,
+    run_at: datetime | None,
+    delay: float,
+    channel: str | None,
+) -> tuple[int, datetime]:
+    """Insert one job in one statement; with a `channel`, NOTIFY it in the same statement.
+
+    One statement keeps the row and its notification atomic even on an
+    autocommit connection; in a transaction, both wait for its commit.
+    """
+    params: dict[str, Any] = {
+        "queue": queue,
+        "task": task,
+        "args": args,
+        "priority": priority,
+        "max_attempts": max_attempts,
+    }
+    if channel is not None:
+        params["channel"] = channel
+        cur = await conn.execute(st.job_insert_notify, params)
+    else:
+        params["run_at"] = run_at
+        params["delay"] = delay
+        cur = await conn.execute(st.job_insert, params)
+    row = await cur.fetchone()
+    assert row is not None  # noqa: S101 (INSERT ... RETURNING always returns the row)
+    return row[0], row[1]
+
+
+async def job_get_available(
+    conn: AnyConnection,
+    st: Statements,
+    *,
+    queues: Sequence[str],
+    tasks: Sequence[str],
+    limit: int,
+    worker_id: str,
+) -> list[ClaimedJob]:
+    """Claim up to `limit` due jobs of these queues and tasks (autocommit statement)."""
+    cur = await conn.execute(
+        st.job_get_available,
+        {"queues": list(queues), "tasks": list(tasks), "limit": limit, "worker_id": worker_id},
+    )
+    return [
+        ClaimedJob(
+            id=r[0],
+            queue=r[1],
+            task=r[2],
+            args=r[3],
+            priority=r[4],
+            attempt=r[5],
+            max_attempts=r[6],
+            created_at=r[7],
+        )
+        for r in await cur.fetchall()
+    ]
+
+
+async def job_get_next_due(
+    conn: AnyConnection, st: Statements, *, queues: Sequence[str], tasks: Sequence[str]
+) -> float | None:
+    """Seconds until the next delayed job of these queues and tasks is due, if any."""
+    cur = await conn.execute(st.job_get_next_due, {"queues": list(queues), "tasks": list(tasks)})
+    row = await cur.fetchone()
+    return None if row is None else row[0]
+
+
+async def job_set_outcome_many(
+    conn: AnyConnection, st: Statements, outcomes: Sequence[Outcome]
+) -> set[int]:
+    """Write many outcomes in one statement, fenced by attempt; return the ids written.
+
+    A job is only written while it is still ``running`` under the same attempt,
+    so a worker that lost a job can never overwrite a newer attempt.
+    """
+    cur = await conn.execute(
+        st.job_set_outcome_many,
+        {
+            "ids": [o.id for o in outcomes],
+            "attempts": [o.attempt for o in outcomes],
+            "states": [o.state.value for o in outcomes],
+            "delays": [o.delay for o in outcomes],
+            "errors": [o.error for o in outcomes],
+        },
+    )
+    return {row[0] for row in await cur.fetchall()}
+
+
+async def job_get(conn: AnyConnection, st: Statements, job_id: int) -> JobRecord | None:
+    """One job row, or None."""
+    cur = await conn.execute(st.job_get, {"id": job_id})
+    r = await cur.fetchone()
+    if r is None:
+        return None
+    return JobRecord(
+        id=r[0],
+        queue=r[1],
+        task=r[2],
+        args=r[3],
+        priority=r[4],
+        state=JobState(r[5]),
+        attempt=r[6],
+        max_attempts=r[7],
+        run_at=r[8],
+        created_at=r[9],
+        attempted_at=r[10],
+        finished_at=r[11],
+        errors=tuple(_error_decoder.decode(e) for e in r[12]),
+    )
+
+
+async def worker_register(
+    conn: AnyConnection,
+    st: Statements,
+    *,
+    worker_id: str,
+    hostname: str,
+    pid: int,
+    queues: Sequence[str],
+    tasks: Sequence[str],
+    concurrency: int,
+) -> None:
+    """Record a live worker."""
+    await conn.execute(
+        st.worker_register,
+        {
+            "id": worker_id,
+            "hostname": hostname,
+            "pid": pid,
+            "queues": list(queues),
+            "tasks": list(tasks),
+            "concurrency": concurrency,
+        },
+    )
+
+
+async def worker_delete(conn: AnyConnection, st: Statements, *, worker_id: str) -> int:
+    """Remove a worker's row and make any job it still holds available; return how many."""
+    cur = await conn.execute(st.worker_delete, {"id": worker_id})
+    row = await cur.fetchone()
+    return 0 if row is None else int(row[0])
+
+
+async def listen(conn: AnyConnection, channel: str) -> None:
+    """LISTEN on `channel` (an identifier, composed safely)."""
+    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))

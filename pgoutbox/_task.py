@@ -1,0 +1,254 @@
+"""Tasks: a handler, its options, and the codec built once for its parameters."""
+
+from __future__ import annotations
+
+import inspect
+import random
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
+from typing import Any, Final, Generic, ParamSpec, TypeVar, get_type_hints
+
+import msgspec
+
+from .errors import ConfigurationError, PayloadError
+
+__all__ = [
+    "DEFAULT_MAX_ATTEMPTS",
+    "DEFAULT_PRIORITY",
+    "DEFAULT_QUEUE",
+    "RetryPolicy",
+    "Task",
+    "validate_name",
+    "validate_priority",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+DEFAULT_QUEUE: Final = "default"
+"""The queue a task's jobs wait in unless it names another."""
+
+DEFAULT_PRIORITY: Final = 0
+"""A job's priority unless the task or the call gives one; higher runs first."""
+
+DEFAULT_MAX_ATTEMPTS: Final = 20
+"""Attempts a job gets unless its retry policy says otherwise."""
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:\-]{0,199}$")
+_PRIORITY_RANGE: Final = range(-32768, 32768)
+
+
+def validate_name(kind: str, value: object) -> str:
+    """Return `value` if it is a valid task or queue name, else raise `ConfigurationError`."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise ConfigurationError(
+            f"invalid {kind} name {value!r}: use 1-200 characters from letters, digits, "
+            "'_', '.', ':' and '-', starting with a letter or '_'"
+        )
+    return value
+
+
+def validate_priority(value: object) -> int:
+    """Return `value` if it is a valid priority (a 16-bit integer), else raise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value not in _PRIORITY_RANGE:
+        raise ConfigurationError(
+            f"invalid priority {value!r}: use an integer from -32768 to 32767 (higher runs first)"
+        )
+    return value
+
+
+class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """How often and how soon a failed job is tried again.
+
+    The n-th retry waits ``initial_interval * multiplier ** (n - 1)`` seconds,
+    at most `max_interval`, spread by ±`jitter` (a fraction) so that jobs that
+    failed together do not all come back together.
+
+    Attributes:
+        max_attempts: attempts in all, the first run included (>= 1).
+        initial_interval: seconds before the first retry.
+        multiplier: growth of the interval per retry (>= 1).
+        max_interval: the longest wait between attempts, in seconds.
+        jitter: the random spread of each wait, as a fraction in [0, 1).
+        retry_on: exception types that lead to a retry; others fail the job at once.
+    """
+
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    initial_interval: float = 1.0
+    multiplier: float = 2.0
+    max_interval: float = 3600.0
+    jitter: float = 0.1
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_attempts, bool) or self.max_attempts < 1:
+            raise ConfigurationError(f"max_attempts must be >= 1, got {self.max_attempts!r}")
+        if self.initial_interval < 0 or self.max_interval < 0:
+            raise ConfigurationError("initial_interval and max_interval must be >= 0 seconds")
+        if self.multiplier < 1:
+            raise ConfigurationError(f"multiplier must be >= 1, got {self.multiplier!r}")
+        if not 0 <= self.jitter < 1:
+            raise ConfigurationError(f"jitter must be in [0, 1), got {self.jitter!r}")
+
+    def interval(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number `attempt` (1-based)."""
+        base = min(self.max_interval, self.initial_interval * self.multiplier ** (attempt - 1))
+        return base * (1 + self.jitter * (2 * random.random() - 1))  # noqa: S311 (not crypto)
+
+    def should_retry(self, exc: BaseException, attempt: int) -> bool:
+        """Whether a job whose attempt `attempt` raised `exc` gets another attempt."""
+        return attempt < self.max_attempts and isinstance(exc, self.retry_on)
+
+
+def _args_struct(name: str, fn: Callable[..., Any]) -> type[msgspec.Struct]:
+    """A msgspec Struct type with one field per parameter of `fn`."""
+    try:
+        hints = get_type_hints(fn)
+    except Exception as ex:
+        raise ConfigurationError(
+            f"task {name!r}: cannot resolve the annotations of {fn.__qualname__}: {ex}"
+        ) from ex
+    fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
+    for param in inspect.signature(fn).parameters.values():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise ConfigurationError(
+                f"task {name!r}: parameter {param.name!r} is *args/**kwargs; a task's payload "
+                "must be named parameters"
+            )
+        if param.kind is param.POSITIONAL_ONLY:
+            raise ConfigurationError(
+                f"task {name!r}: parameter {param.name!r} is positional-only; payload fields "
+                "need names"
+            )
+        annotation = hints.get(param.name, Any)
+        if param.default is param.empty:
+            fields.append((param.name, annotation))
+        else:
+            fields.append((param.name, annotation, param.default))
+    struct = msgspec.defstruct(
+        f"{fn.__qualname__}.args", fields, kw_only=True, forbid_unknown_fields=True
+    )
+    try:
+        msgspec.json.Decoder(struct)
+    except TypeError as ex:
+        raise ConfigurationError(
+            f"task {name!r}: a parameter type cannot be encoded as JSON by msgspec: {ex}"
+        ) from ex
+    return struct
+
+
+class Task(Generic[P, R]):
+    """A registered handler with its options; create with `Queue.task`.
+
+    Calling a task calls the handler directly (handy in tests); enqueue it with
+    `Queue.enqueue`, whose arguments a type checker checks against the handler's.
+
+    Attributes:
+        name: the task name stored in each job.
+        queue: the queue its jobs wait in.
+        priority: its jobs' priority; higher runs first.
+        retry: its retry policy.
+        timeout: seconds an attempt may run before it is cancelled, or None.
+        fn: the handler.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[P, Awaitable[R]],
+        *,
+        name: str,
+        queue: str,
+        priority: int,
+        retry: RetryPolicy,
+        timeout: float | None,
+        delay: float = 0.0,
+        run_at: datetime | None = None,
+        args_type: type[msgspec.Struct] | None = None,
+    ) -> None:
+        if not inspect.iscoroutinefunction(fn):
+            raise ConfigurationError(f"task {name!r}: the handler must be an `async def` function")
+        if timeout is not None and not timeout > 0:
+            raise ConfigurationError(f"task {name!r}: timeout must be > 0 seconds or None")
+        self.fn = fn
+        self.name = validate_name("task", name)
+        self.queue = validate_name("queue", queue)
+        self.priority = validate_priority(priority)
+        self.retry = retry
+        self.timeout = timeout
+        self.delay = delay
+        self.run_at = run_at
+        self._args_type = args_type or _args_struct(name, fn)
+        self._signature = inspect.signature(fn)
+        self._decoder = msgspec.json.Decoder(self._args_type)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R]:
+        """Call the handler directly, as if it were not a task."""
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name!r} queue={self.queue!r}>"
+
+    def options(
+        self,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        delay: float | None = None,
+        run_at: datetime | None = None,
+    ) -> Task[P, R]:
+        """This task with other options for the jobs enqueued through the copy.
+
+        Args:
+            queue: another queue to put the job in.
+            priority: another priority; higher runs first.
+            delay: seconds from now (the database's clock) before the job may run.
+            run_at: an aware datetime before which the job does not run.
+        """
+        if delay is not None and (isinstance(delay, bool) or not delay >= 0):
+            raise ConfigurationError(
+                f"task {self.name!r}: delay must be >= 0 seconds, got {delay!r}"
+            )
+        if run_at is not None and (not isinstance(run_at, datetime) or run_at.tzinfo is None):
+            raise ConfigurationError(
+                f"task {self.name!r}: run_at must be a timezone-aware datetime, got {run_at!r}"
+            )
+        return Task(
+            self.fn,
+            name=self.name,
+            queue=self.queue if queue is None else queue,
+            priority=self.priority if priority is None else priority,
+            retry=self.retry,
+            timeout=self.timeout,
+            delay=self.delay if delay is None else delay,
+            run_at=self.run_at if run_at is None else run_at,
+            args_type=self._args_type,
+        )
+
+    def encode_args(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+        """Validate call arguments against the handler's parameters and encode them as JSON.
+
+        Raises:
+            PayloadError: an argument is missing, unexpected or of the wrong type.
+        """
+        try:
+            bound = self._signature.bind(*args, **kwargs)
+        except TypeError as ex:
+            raise PayloadError(self.name, str(ex)) from None
+        try:
+            payload = msgspec.convert(bound.arguments, self._args_type)
+        except msgspec.ValidationError as ex:
+            raise PayloadError(self.name, str(ex)) from None
+        return msgspec.json.encode(payload).decode()
+
+    def decode_args(self, data: str) -> dict[str, Any]:
+        """Decode a stored payload into keyword arguments for the handler.
+
+        Raises:
+            PayloadError: the payload does not fit the handler's parameters.
+        """
+        try:
+            payload = self._decoder.decode(data)
+        except msgspec.DecodeError as ex:
+            raise PayloadError(self.name, str(ex)) from None
+        return msgspec.structs.asdict(payload)

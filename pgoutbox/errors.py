@@ -1,0 +1,79 @@
+"""Errors pgoutbox raises to its callers.
+
+Every error raised by pgoutbox derives from `PgoutboxError`, so one ``except``
+catches them all; each message names what was wrong and how to fix it::
+
+    PgoutboxError
+    ├── ConfigurationError        a Queue, task or Worker option is invalid
+    ├── TaskNotFoundError         enqueue or run named a task nobody registered
+    ├── PayloadError              arguments do not match the task's parameters
+    ├── SchemaError               the database schema is missing or too old
+    └── IncompatiblePsycopgError  the installed psycopg lacks an internal we need
+
+Signals that a *handler* raises to pgoutbox (retry later, give up) live in
+`pgoutbox.signals`; they are not errors of pgoutbox's own.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigurationError",
+    "IncompatiblePsycopgError",
+    "PayloadError",
+    "PgoutboxError",
+    "SchemaError",
+    "TaskNotFoundError",
+]
+
+
+class PgoutboxError(Exception):
+    """Root of every error pgoutbox raises to its callers."""
+
+
+class ConfigurationError(PgoutboxError, ValueError):
+    """An option given to `Queue`, `Queue.task`, `Task.options` or `Worker` is invalid.
+
+    Raised before anything touches the database; the message names the option,
+    the value and what is accepted.
+    """
+
+
+class TaskNotFoundError(PgoutboxError, LookupError):
+    """A task name is not registered on this queue.
+
+    `Queue.enqueue` accepts unknown names (the producer need not import the
+    handler); this is raised where a handler is required, e.g. `Queue.get_task`.
+    """
+
+
+class PayloadError(PgoutboxError, ValueError):
+    """The arguments given for a task do not match its parameters.
+
+    Raised by `Queue.enqueue` before anything is written, and recorded as the
+    failure of a job whose stored payload no longer decodes.
+
+    Attributes:
+        task: the task name.
+        detail: what was wrong, naming the field (from msgspec).
+    """
+
+    def __init__(self, task: str, detail: str) -> None:
+        super().__init__(f"invalid arguments for task {task!r}: {detail}")
+        self.task = task
+        self.detail = detail
+
+
+class SchemaError(PgoutboxError):
+    """The pgoutbox schema is missing, too old, or could not be migrated.
+
+    Fix it with ``await queue.migrate()`` or ``python -m pgoutbox migrate``.
+    """
+
+
+class IncompatiblePsycopgError(PgoutboxError, ImportError):
+    """The installed psycopg lacks an internal that pgoutbox's connection layer uses.
+
+    pgoutbox drives psycopg's connection generators itself to be safe under
+    anyio cancellation on asyncio and trio; install a psycopg version within
+    the range pinned in pgoutbox's requirements.
+    """

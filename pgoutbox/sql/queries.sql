@@ -1,0 +1,107 @@
+-- Named statements. Each block starts with "-- name: <statement>"; the store
+-- function that runs it has the same name. {schema} is the quoted schema
+-- identifier; values are always bound parameters.
+
+-- name: schema_version
+SELECT max(version) FROM {schema}.migrations
+
+-- name: migration_lock
+SELECT pg_advisory_xact_lock(hashtextextended('pgoutbox.migrate:' || %(schema)s, 0))
+
+-- name: migration_table_create
+CREATE SCHEMA IF NOT EXISTS {schema};
+CREATE TABLE IF NOT EXISTS {schema}.migrations (
+    version     integer PRIMARY KEY,
+    name        text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+)
+
+-- name: migration_applied_list
+SELECT version FROM {schema}.migrations ORDER BY version
+
+-- name: migration_record
+INSERT INTO {schema}.migrations (version, name) VALUES (%(version)s, %(name)s)
+
+-- name: job_insert
+INSERT INTO {schema}.jobs (queue, task, args, priority, state, max_attempts, run_at)
+VALUES (
+    %(queue)s, %(task)s, %(args)s::jsonb, %(priority)s,
+    'scheduled', %(max_attempts)s,
+    coalesce(%(run_at)s::timestamptz, now() + %(delay)s::float8 * interval '1 second')
+)
+RETURNING id, run_at
+
+-- name: job_insert_notify
+WITH job AS (
+    INSERT INTO {schema}.jobs (queue, task, args, priority, state, max_attempts)
+    VALUES (%(queue)s, %(task)s, %(args)s::jsonb, %(priority)s, 'available', %(max_attempts)s)
+    RETURNING id, run_at
+)
+SELECT job.id, job.run_at, pg_notify(%(channel)s, %(queue)s) FROM job
+
+-- name: job_get_available
+WITH next AS (
+    SELECT id
+    FROM {schema}.jobs
+    WHERE state IN ('scheduled', 'available', 'retryable')
+      AND run_at <= now()
+      AND queue = ANY(%(queues)s::text[])
+      AND task = ANY(%(tasks)s::text[])
+    ORDER BY priority DESC, run_at, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {schema}.jobs AS j
+SET state = 'running',
+    attempt = j.attempt + 1,
+    attempted_at = now(),
+    worker_id = %(worker_id)s
+FROM next
+WHERE j.id = next.id
+RETURNING j.id, j.queue, j.task, j.args::text, j.priority, j.attempt, j.max_attempts,
+          j.created_at
+
+-- name: job_get_next_due
+SELECT extract(epoch FROM min(run_at) - now())::float8
+FROM {schema}.jobs
+WHERE state IN ('scheduled', 'retryable')
+  AND run_at > now()
+  AND queue = ANY(%(queues)s::text[])
+  AND task = ANY(%(tasks)s::text[])
+
+-- name: job_set_outcome_many
+UPDATE {schema}.jobs AS j
+SET state = o.state::{schema}.job_state,
+    run_at = CASE WHEN o.delay IS NULL THEN j.run_at
+                  ELSE now() + o.delay * interval '1 second' END,
+    finished_at = CASE WHEN o.state IN ('completed', 'failed', 'cancelled') THEN now() END,
+    errors = CASE WHEN o.error IS NULL THEN j.errors ELSE array_append(j.errors, o.error) END,
+    worker_id = NULL
+FROM unnest(
+    %(ids)s::bigint[], %(attempts)s::integer[], %(states)s::text[],
+    %(delays)s::float8[], %(errors)s::jsonb[]
+) AS o(id, attempt, state, delay, error)
+WHERE j.id = o.id AND j.attempt = o.attempt AND j.state = 'running'
+RETURNING j.id
+
+-- name: job_get
+SELECT id, queue, task, args::text, priority, state::text, attempt, max_attempts,
+       run_at, created_at, attempted_at, finished_at,
+       array(SELECT e::text FROM unnest(errors) AS e)
+FROM {schema}.jobs
+WHERE id = %(id)s
+
+-- name: worker_register
+INSERT INTO {schema}.workers (id, hostname, pid, queues, tasks, concurrency)
+VALUES (%(id)s, %(hostname)s, %(pid)s, %(queues)s, %(tasks)s, %(concurrency)s)
+
+-- name: worker_delete
+WITH released AS (
+    UPDATE {schema}.jobs
+    SET state = 'available', worker_id = NULL, run_at = now()
+    WHERE worker_id = %(id)s AND state = 'running'
+    RETURNING id
+), gone AS (
+    DELETE FROM {schema}.workers WHERE id = %(id)s
+)
+SELECT count(*) FROM released

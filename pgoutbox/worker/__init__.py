@@ -1,0 +1,21 @@
+"""The worker: claims jobs, runs their handlers, records the outcomes.
+
+Run it from code with ``await Worker(queue).run()`` or from a shell with
+``python -m pgoutbox.worker package.module:queue``.
+"""
+
+from ._worker import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_POLL_INTERVAL,
+    DEFAULT_SHUTDOWN_TIMEOUT,
+    Worker,
+    WorkerStatistics,
+)
+
+__all__ = [
+    "DEFAULT_CONCURRENCY",
+    "DEFAULT_POLL_INTERVAL",
+    "DEFAULT_SHUTDOWN_TIMEOUT",
+    "Worker",
+    "WorkerStatistics",
+]

@@ -1,0 +1,81 @@
+"""``python -m pgoutbox.worker package.module:queue``: run a worker until signalled."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import anyio
+
+from .._cli import add_common_arguments, configure_logging, load_queue, stop_on_signals
+from ..errors import PgoutboxError
+from ._worker import DEFAULT_CONCURRENCY, DEFAULT_POLL_INTERVAL, DEFAULT_SHUTDOWN_TIMEOUT, Worker
+
+
+def build_parser(prog: str = "python -m pgoutbox.worker") -> argparse.ArgumentParser:
+    """The worker command's arguments."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Run pgoutbox jobs. The first SIGTERM/SIGINT stops fetching and lets "
+        "running jobs finish; a second one stops at once.",
+    )
+    parser.add_argument("queue", help="the Queue to serve, as 'package.module:attribute'")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=DEFAULT_CONCURRENCY,
+        help="jobs run at once (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--queues",
+        default=None,
+        help="comma-separated queues to take jobs from (default: every queue of a registered task)",
+    )
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        default=DEFAULT_POLL_INTERVAL,
+        help="seconds between fetches without a notification (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=DEFAULT_SHUTDOWN_TIMEOUT,
+        help="seconds running jobs get to finish after a stop signal (default: %(default)s)",
+    )
+    add_common_arguments(parser)
+    return parser
+
+
+async def serve(worker: Worker) -> None:
+    """Run `worker`, stopping it on SIGTERM/SIGINT."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stop_on_signals, worker.stop, tg.cancel_scope)
+        await worker.run()
+        tg.cancel_scope.cancel()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    queue = load_queue(args.queue)
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
+    try:
+        worker = Worker(
+            queue,
+            concurrency=args.concurrency,
+            queues=queues,
+            poll_interval=args.poll_interval,
+            shutdown_timeout=args.shutdown_timeout,
+        )
+        anyio.run(serve, worker, backend=args.backend)
+    except PgoutboxError as ex:
+        print(f"error: {ex}", file=sys.stderr)  # noqa: T201 (CLI output)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

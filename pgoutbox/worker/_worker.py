@@ -1,0 +1,340 @@
+"""The worker: a producer, executors, a completer and a listener under one task group."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Sequence
+from typing import Any, Final
+
+import anyio
+import msgspec
+import psycopg
+
+from .. import _store
+from .._job import ClaimedJob, Outcome
+from .._queue import Queue
+from .._task import Task, validate_name
+from ..errors import ConfigurationError
+from ._completer import Completer
+from ._executor import execute, interrupted
+from ._link import Link
+from ._listener import DEFAULT_PROBE_INTERVAL, Listener
+from ._wakeup import Wakeup
+
+__all__ = [
+    "DEFAULT_CONCURRENCY",
+    "DEFAULT_POLL_INTERVAL",
+    "DEFAULT_SHUTDOWN_TIMEOUT",
+    "Worker",
+    "WorkerStatistics",
+]
+
+logger = logging.getLogger("pgoutbox.worker")
+
+DEFAULT_CONCURRENCY: Final = 10
+"""Jobs a worker runs at once unless told otherwise."""
+
+DEFAULT_POLL_INTERVAL: Final = 1.0
+"""Seconds between fetches when no notification arrives (the safety net for NOTIFY)."""
+
+DEFAULT_SHUTDOWN_TIMEOUT: Final = 25.0
+"""Seconds running jobs get to finish after `Worker.stop` before they are cancelled."""
+
+CLEANUP_TIMEOUT: Final = 10.0
+"""Seconds allowed for the final flush of outcomes and unregistering at shutdown."""
+
+FETCH_TIMEOUT: Final = 30.0
+"""Seconds a fetch may take before the connection is deemed dead."""
+
+
+class WorkerStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of a worker's counters, from `Worker.statistics`.
+
+    Attributes:
+        worker_id: the worker's id (its row in the ``workers`` table).
+        concurrency: the most jobs it runs at once.
+        running: jobs running now.
+        claimed: jobs claimed since start.
+        fetches: fetch statements run since start.
+        listening: whether its LISTEN is in place now.
+        fetch_connection_pids: backend pid of each fetch/ack connection it opened.
+        listen_connection_pids: backend pid of each LISTEN connection it opened.
+    """
+
+    worker_id: str
+    concurrency: int
+    running: int
+    claimed: int
+    fetches: int
+    listening: bool
+    fetch_connection_pids: tuple[int, ...]
+    listen_connection_pids: tuple[int, ...]
+
+
+class _Slots:
+    """Counts running jobs against the concurrency limit and wakes waiters on change."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.used = 0
+        self._changed = anyio.Event()
+
+    @property
+    def free(self) -> int:
+        return self.size - self.used
+
+    def take(self) -> None:
+        self.used += 1
+
+    def release(self) -> None:
+        self.used -= 1
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait_free(self) -> None:
+        while self.used >= self.size:
+            await self._changed.wait()
+
+    async def wait_empty(self) -> None:
+        while self.used:
+            await self._changed.wait()
+
+
+class Worker:
+    """Runs the jobs of a `Queue`'s registered tasks.
+
+    Args:
+        queue: the queue whose tasks to run.
+        concurrency: the most jobs run at once (and claimed per fetch).
+        queues: the queues to take jobs from; defaults to every queue a
+            registered task uses.
+        poll_interval: seconds between fetches when no notification arrives.
+        shutdown_timeout: seconds running jobs get after `stop` before they are
+            cancelled and returned to the queue.
+        probe_interval: seconds of silence after which the LISTEN connection is
+            checked.
+
+    A worker holds two connections: one for fetching and acknowledging, one
+    for LISTEN. It claims only the tasks registered on `queue`, so during a
+    rolling deploy an old worker never takes a task it does not know.
+    """
+
+    def __init__(
+        self,
+        queue: Queue,
+        *,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        queues: Sequence[str] | None = None,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+        probe_interval: float = DEFAULT_PROBE_INTERVAL,
+    ) -> None:
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ConfigurationError(f"concurrency must be an integer >= 1, got {concurrency!r}")
+        for option, value in (
+            ("poll_interval", poll_interval),
+            ("shutdown_timeout", shutdown_timeout),
+            ("probe_interval", probe_interval),
+        ):
+            if not value > 0:
+                raise ConfigurationError(f"{option} must be > 0 seconds, got {value!r}")
+        if not queue.tasks:
+            raise ConfigurationError(f"{queue!r} has no registered tasks: nothing to run")
+        self.queue = queue
+        self.concurrency = concurrency
+        self.queues = sorted(
+            {validate_name("queue", q) for q in queues}
+            if queues is not None
+            else {t.queue for t in queue.tasks.values()}
+        )
+        if not self.queues:
+            raise ConfigurationError("queues must name at least one queue")
+        self.poll_interval = poll_interval
+        self.shutdown_timeout = shutdown_timeout
+        self.id = str(uuid.uuid4())
+        self._tasks: dict[str, Task[Any, Any]] = dict(queue.tasks)
+        self._slots = _Slots(concurrency)
+        self._wakeup = Wakeup()
+        self._listener = Listener(
+            queue.conninfo,
+            queue.channel,
+            self.queues,
+            self._wakeup,
+            probe_interval=probe_interval,
+        )
+        self._link = Link(queue.conninfo, on_failure=self._listener.reset)
+        self._completer = Completer(self._link, queue.statements, buffer=concurrency)
+        self._producer_scope: anyio.CancelScope | None = None
+        self._stopping = False
+        self._started = False
+        self._claimed = 0
+        self._fetches = 0
+
+    def statistics(self) -> WorkerStatistics:
+        """A frozen snapshot of the worker's counters."""
+        return WorkerStatistics(
+            worker_id=self.id,
+            concurrency=self.concurrency,
+            running=self._slots.used,
+            claimed=self._claimed,
+            fetches=self._fetches,
+            listening=self._listener.listening,
+            fetch_connection_pids=tuple(self._link.pids),
+            listen_connection_pids=tuple(self._listener.pids),
+        )
+
+    def stop(self) -> None:
+        """Stop fetching; let running jobs finish within `shutdown_timeout`, then return.
+
+        Cancelling the scope around `run` instead stops at once: running jobs
+        are cancelled and returned to the queue.
+        """
+        self._stopping = True
+        if self._producer_scope is not None:
+            self._producer_scope.cancel()
+
+    async def run(self) -> None:
+        """Run jobs until `stop` is called or the surrounding scope is cancelled.
+
+        Raises:
+            SchemaError: the schema is missing or too old (nothing was run).
+            RuntimeError: this worker already ran.
+        """
+        if self._started:
+            raise RuntimeError("a Worker runs once; create a new one")
+        self._started = True
+        try:
+            await self._start()
+            logger.info(
+                "worker started",
+                extra={
+                    "event": "worker.started",
+                    "worker_id": self.id,
+                    "queues": self.queues,
+                    "concurrency": self.concurrency,
+                },
+            )
+            async with anyio.create_task_group() as services:
+                await services.start(self._listener.run)
+                async with anyio.create_task_group() as acks:
+                    await acks.start(self._completer.run)
+                    async with self._completer.sender, anyio.create_task_group() as jobs:
+                        with anyio.CancelScope() as self._producer_scope:
+                            if not self._stopping:
+                                await self._produce(jobs)
+                        await self._drain(jobs)
+                    acks.cancel_scope.deadline = anyio.current_time() + CLEANUP_TIMEOUT
+                services.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._cleanup()
+        logger.info("worker stopped", extra={"event": "worker.stopped", "worker_id": self.id})
+
+    async def _start(self) -> None:
+        conn = await self._link.get()
+        await self.queue.check_schema(conn)
+        await _store.worker_register(
+            conn,
+            self.queue.statements,
+            worker_id=self.id,
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            queues=self.queues,
+            tasks=sorted(self._tasks),
+            concurrency=self.concurrency,
+        )
+
+    async def _produce(self, jobs: anyio.abc.TaskGroup) -> None:
+        """Claim jobs into free slots: at once while fetches come back full, else on
+        a wake-up, at the next due delayed job, or after `poll_interval`."""
+        more = True
+        next_due: float | None = None
+        queues, tasks, st = self.queues, sorted(self._tasks), self.queue.statements
+        while True:
+            await self._slots.wait_free()
+            if not more:
+                timeout = (
+                    self.poll_interval if next_due is None else min(self.poll_interval, next_due)
+                )
+                await self._wakeup.wait(timeout)
+            limit = self._slots.free
+            conn = await self._link.get()
+            try:
+                with anyio.fail_after(FETCH_TIMEOUT, shield=True):
+                    claimed = await _store.job_get_available(
+                        conn, st, queues=queues, tasks=tasks, limit=limit, worker_id=self.id
+                    )
+                    more = len(claimed) == limit
+                    next_due = (
+                        None
+                        if more
+                        else await _store.job_get_next_due(conn, st, queues=queues, tasks=tasks)
+                    )
+            except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as ex:
+                await self._link.failed(conn, ex)
+                more = True
+                continue
+            self._link.succeeded()
+            self._fetches += 1
+            self._claimed += len(claimed)
+            for job in claimed:
+                self._slots.take()
+                jobs.start_soon(self._run_job, job, name=f"pgoutbox job {job.id}")
+
+    async def _run_job(self, job: ClaimedJob) -> None:
+        try:
+            try:
+                outcome = await execute(self._tasks[job.task], job)
+            except anyio.get_cancelled_exc_class():
+                await self._send_outcome(interrupted(job))
+                raise
+            await self._send_outcome(outcome)
+        finally:
+            self._slots.release()
+
+    async def _send_outcome(self, outcome: Outcome) -> None:
+        with anyio.move_on_after(CLEANUP_TIMEOUT, shield=True):
+            await self._completer.sender.send(outcome)
+
+    async def _drain(self, jobs: anyio.abc.TaskGroup) -> None:
+        """After fetching stopped: give running jobs the grace period, then cancel them."""
+        if self._slots.used:
+            logger.info(
+                "waiting up to %.0f s for %d running jobs",
+                self.shutdown_timeout,
+                self._slots.used,
+                extra={
+                    "event": "worker.draining",
+                    "worker_id": self.id,
+                    "running": self._slots.used,
+                },
+            )
+            with anyio.move_on_after(self.shutdown_timeout):
+                await self._slots.wait_empty()
+        jobs.cancel_scope.cancel()
+
+    async def _cleanup(self) -> None:
+        """Flush what outcomes are left, unregister, close connections: bounded."""
+        with anyio.move_on_after(CLEANUP_TIMEOUT):
+            try:
+                await self._completer.write_now(self._completer.pending())
+                conn = await self._link.get()
+                released = await _store.worker_delete(
+                    conn, self.queue.statements, worker_id=self.id
+                )
+                if released:
+                    logger.warning(
+                        "returned %d unfinished jobs to the queue",
+                        released,
+                        extra={"event": "worker.released", "worker_id": self.id, "count": released},
+                    )
+            except psycopg.Error as ex:
+                logger.warning(
+                    "could not unregister the worker: %s",
+                    type(ex).__name__,
+                    extra={"event": "worker.unregister_failed", "worker_id": self.id},
+                )
+        await self._link.close()
