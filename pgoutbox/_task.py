@@ -35,7 +35,7 @@ DEFAULT_PRIORITY: Final = 0
 DEFAULT_MAX_ATTEMPTS: Final = 20
 """Attempts a job gets unless its retry policy says otherwise."""
 
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:\-]{0,199}$")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:<>\-]{0,199}$")
 _PRIORITY_RANGE: Final = range(-32768, 32768)
 
 
@@ -44,7 +44,7 @@ def validate_name(kind: str, value: object) -> str:
     if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise ConfigurationError(
             f"invalid {kind} name {value!r}: use 1-200 characters from letters, digits, "
-            "'_', '.', ':' and '-', starting with a letter or '_'"
+            "'_', '.', ':', '<', '>' and '-', starting with a letter or '_'"
         )
     return value
 

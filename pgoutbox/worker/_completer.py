@@ -8,7 +8,7 @@ from typing import Final
 import anyio
 import psycopg
 from anyio.abc import TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectSendStream
 
 from .. import _store
 from .._job import Outcome
@@ -46,27 +46,25 @@ class Completer:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Write outcomes until the send side is closed and everything is written."""
         task_status.started()
-        async with self._receive:
-            await self._drain(self._receive)
-
-    async def _drain(self, receive: MemoryObjectReceiveStream[Outcome]) -> None:
-        async for first in receive:
+        async for first in self._receive:
             batch = [first]
             while len(batch) < MAX_BATCH:
                 try:
-                    batch.append(receive.receive_nowait())
+                    batch.append(self._receive.receive_nowait())
                 except (anyio.WouldBlock, anyio.EndOfStream):
                     break
             await self._write(batch)
 
-    def pending(self) -> list[Outcome]:
-        """Take every outcome not yet written (for the final flush after a hard stop)."""
+    def take_pending(self) -> list[Outcome]:
+        """Take every outcome not yet written and close the stream (after `run` ended)."""
         left: list[Outcome] = []
-        while True:
-            try:
-                left.append(self._receive.receive_nowait())
-            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-                return left
+        self._send.close()
+        with self._receive:
+            while True:
+                try:
+                    left.append(self._receive.receive_nowait())
+                except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                    return left
 
     async def _write(self, batch: list[Outcome]) -> None:
         while True:

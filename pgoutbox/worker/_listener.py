@@ -53,10 +53,25 @@ class Listener:
         self._wakeup = wakeup
         self._probe_interval = probe_interval
         self._scope: anyio.CancelScope | None = None
-        self.listening = False
-        """Whether a LISTEN is in place right now."""
+        self._listening = False
+        self._listening_changed = anyio.Event()
         self.pids: list[int] = []
         """Backend pid of every LISTEN connection opened, in order."""
+
+    @property
+    def listening(self) -> bool:
+        """Whether a LISTEN is in place right now."""
+        return self._listening
+
+    def _set_listening(self, *, value: bool) -> None:
+        self._listening = value
+        self._listening_changed.set()
+        self._listening_changed = anyio.Event()
+
+    async def wait_listening(self) -> None:
+        """Block until a LISTEN is in place."""
+        while not self._listening:
+            await self._listening_changed.wait()
 
     def reset(self) -> None:
         """Drop the current connection and listen again on a new one."""
@@ -76,7 +91,7 @@ class Listener:
                     ) as conn:
                         await _store.listen(conn, self._channel)
                         self.pids.append(conn.info.backend_pid)
-                        self.listening = True
+                        self._set_listening(value=True)
                         backoff.reset()
                         if degraded:
                             degraded = False
@@ -92,7 +107,8 @@ class Listener:
                             extra={"event": "listener.unavailable", "error": type(ex).__name__},
                         )
                 finally:
-                    self.listening = False
+                    if self._listening:
+                        self._set_listening(value=False)
             self._scope = None
             await anyio.sleep(backoff.next_interval())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -14,7 +15,7 @@ import msgspec
 import psycopg
 
 from .. import _store
-from .._job import ClaimedJob, Outcome
+from .._job import ClaimedJob
 from .._queue import Queue
 from .._task import Task, validate_name
 from ..errors import ConfigurationError
@@ -170,6 +171,7 @@ class Worker:
         self._producer_scope: anyio.CancelScope | None = None
         self._stopping = False
         self._started = False
+        self._registered = False
         self._claimed = 0
         self._fetches = 0
 
@@ -185,6 +187,13 @@ class Worker:
             fetch_connection_pids=tuple(self._link.pids),
             listen_connection_pids=tuple(self._listener.pids),
         )
+
+    async def wait_listening(self) -> None:
+        """Block until the worker's LISTEN is in place (so a NOTIFY will wake it).
+
+        Useful in tests and health checks; bound it with a timeout of your own.
+        """
+        await self._listener.wait_listening()
 
     def stop(self) -> None:
         """Stop fetching; let running jobs finish within `shutdown_timeout`, then return.
@@ -246,6 +255,7 @@ class Worker:
             tasks=sorted(self._tasks),
             concurrency=self.concurrency,
         )
+        self._registered = True
 
     async def _produce(self, jobs: anyio.abc.TaskGroup) -> None:
         """Claim jobs into free slots: at once while fetches come back full, else on
@@ -289,15 +299,15 @@ class Worker:
             try:
                 outcome = await execute(self._tasks[job.task], job)
             except anyio.get_cancelled_exc_class():
-                await self._send_outcome(interrupted(job))
+                # Best effort: if the outcome cannot be queued, unregistering
+                # the worker at cleanup returns the job to the queue all the same.
+                with contextlib.suppress(anyio.WouldBlock, anyio.BrokenResourceError):
+                    self._completer.sender.send_nowait(interrupted(job))
                 raise
-            await self._send_outcome(outcome)
+            with anyio.move_on_after(CLEANUP_TIMEOUT, shield=True):
+                await self._completer.sender.send(outcome)
         finally:
             self._slots.release()
-
-    async def _send_outcome(self, outcome: Outcome) -> None:
-        with anyio.move_on_after(CLEANUP_TIMEOUT, shield=True):
-            await self._completer.sender.send(outcome)
 
     async def _drain(self, jobs: anyio.abc.TaskGroup) -> None:
         """After fetching stopped: give running jobs the grace period, then cancel them."""
@@ -318,9 +328,12 @@ class Worker:
 
     async def _cleanup(self) -> None:
         """Flush what outcomes are left, unregister, close connections: bounded."""
+        pending = self._completer.take_pending()
         with anyio.move_on_after(CLEANUP_TIMEOUT):
             try:
-                await self._completer.write_now(self._completer.pending())
+                if not self._registered:
+                    return
+                await self._completer.write_now(pending)
                 conn = await self._link.get()
                 released = await _store.worker_delete(
                     conn, self.queue.statements, worker_id=self.id
@@ -337,4 +350,5 @@ class Worker:
                     type(ex).__name__,
                     extra={"event": "worker.unregister_failed", "worker_id": self.id},
                 )
-        await self._link.close()
+            finally:
+                await self._link.close()

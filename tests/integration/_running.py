@@ -1,0 +1,68 @@
+"""Running a worker inside a test, and waiting on what its handlers record."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+
+import pgoutbox
+
+WAIT_TIMEOUT = 15.0
+"""The longest any test waits for something to happen; it fails after that."""
+
+
+class Recorder:
+    """Collects what handlers saw, and lets a test wait until enough arrived."""
+
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+        self._changed = anyio.Event()
+
+    def record(self, item: Any) -> None:
+        self.calls.append(item)
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait_for(self, count: int, timeout: float = WAIT_TIMEOUT) -> list[Any]:  # noqa: ASYNC109
+        """Wait until `count` calls were recorded (fails after `timeout` seconds)."""
+        with anyio.fail_after(timeout):
+            while len(self.calls) < count:
+                await self._changed.wait()
+        return self.calls
+
+
+@asynccontextmanager
+async def running(
+    worker: pgoutbox.Worker,
+    *,
+    timeout: float = WAIT_TIMEOUT,  # noqa: ASYNC109 (bounds the wait for run() to return)
+) -> AsyncIterator[None]:
+    """Run `worker` for the block; stop it gracefully and wait for `run()` to return."""
+    done = anyio.Event()
+
+    async def run() -> None:
+        try:
+            await worker.run()
+        finally:
+            done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        try:
+            yield
+        finally:
+            worker.stop()
+            with anyio.fail_after(timeout, shield=True):
+                await done.wait()
+
+
+async def count_jobs(queue: pgoutbox.Queue, where: str = "true") -> int:
+    """Rows in the queue's jobs table matching a fixed SQL condition written by the test."""
+    async with queue.connection() as conn:
+        cur = await conn.execute(f"SELECT count(*) FROM {queue.schema}.jobs WHERE {where}")  # noqa: S608 (test-owned SQL)
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])

@@ -1,0 +1,187 @@
+"""Transactional enqueue against a real PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+
+import pgoutbox
+from pgoutbox import PayloadError, Queue, TaskRef
+
+from ._running import count_jobs
+
+pytestmark = pytest.mark.anyio
+
+
+async def _listen(database_dsn: str, channel: str) -> pgoutbox.Connection[Any]:
+    listener = await pgoutbox.connect(database_dsn, autocommit=True)
+    await listener.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel)))
+    return listener
+
+
+async def _notifications(
+    listener: pgoutbox.Connection[Any], wait: float, stop_after: int | None = None
+) -> list[str]:
+    """Payloads received within `wait` seconds (the listener's own timeout, not a sleep)."""
+    return [n.payload async for n in listener.notifies(timeout=wait, stop_after=stop_after)]
+
+
+async def test_enqueue_commit_writes_row_and_notify(
+    queue: Queue, conn: pgoutbox.Connection[Any], database_dsn: str
+) -> None:
+    @queue.task(queue="mail")
+    async def send(to: str) -> None: ...
+
+    listener = await _listen(database_dsn, queue.channel)
+    try:
+        async with conn.transaction():
+            job = await queue.enqueue(conn, send, "a@example.com")
+        assert job.queue == "mail"
+        assert await _notifications(listener, 5.0, stop_after=1) == ["mail"]
+        assert await _notifications(listener, 0.2) == []
+    finally:
+        await listener.close()
+    record = await queue.get_job(job.id)
+    assert record is not None
+    assert record.state is pgoutbox.JobState.AVAILABLE
+    assert record.args == '{"to": "a@example.com"}'
+    assert record.task == send.name
+
+
+async def _enqueue_then_abort(
+    queue: Queue, conn: pgoutbox.Connection[Any], task: pgoutbox.Task[[str], None]
+) -> None:
+    async with conn.transaction():
+        await queue.enqueue(conn, task, "a@example.com")
+        raise RuntimeError("abort")
+
+
+async def test_enqueue_rollback_leaves_no_row_and_no_notify(
+    queue: Queue, conn: pgoutbox.Connection[Any], database_dsn: str
+) -> None:
+    @queue.task
+    async def send(to: str) -> None: ...
+
+    listener = await _listen(database_dsn, queue.channel)
+    try:
+        with pytest.raises(RuntimeError, match="abort"):
+            await _enqueue_then_abort(queue, conn, send)
+        assert await _notifications(listener, 0.3) == []
+    finally:
+        await listener.close()
+    assert await count_jobs(queue) == 0
+
+
+async def test_enqueue_notifies_once_per_queue_per_transaction(
+    queue: Queue, conn: pgoutbox.Connection[Any], database_dsn: str
+) -> None:
+    @queue.task
+    async def send(to: str) -> None: ...
+
+    listener = await _listen(database_dsn, queue.channel)
+    try:
+        async with conn.transaction():
+            for i in range(5):
+                await queue.enqueue(conn, send, f"{i}@example.com")
+        assert await _notifications(listener, 0.3) == ["default"]
+    finally:
+        await listener.close()
+    assert await count_jobs(queue) == 5
+
+
+async def test_enqueue_delayed_job_does_not_notify(
+    queue: Queue, conn: pgoutbox.Connection[Any], database_dsn: str
+) -> None:
+    @queue.task
+    async def send(to: str) -> None: ...
+
+    listener = await _listen(database_dsn, queue.channel)
+    try:
+        async with conn.transaction():
+            job = await queue.enqueue(conn, send.options(delay=60), "a@example.com")
+            later = datetime.now(UTC) + timedelta(hours=1)
+            await queue.enqueue(conn, send.options(run_at=later), "b@example.com")
+        assert await _notifications(listener, 0.3) == []
+    finally:
+        await listener.close()
+    record = await queue.get_job(job.id)
+    assert record is not None
+    assert record.state is pgoutbox.JobState.SCHEDULED
+    assert record.run_at > record.created_at + timedelta(seconds=59)
+
+
+async def test_enqueue_on_autocommit_connection_is_one_atomic_statement(
+    queue: Queue, database_dsn: str
+) -> None:
+    @queue.task
+    async def send(to: str) -> None: ...
+
+    async with await pgoutbox.connect(database_dsn, autocommit=True) as auto:
+        job = await queue.enqueue(auto, send, "a@example.com")
+    assert (await queue.get_job(job.id)) is not None
+
+
+async def test_enqueue_bad_payload_raises_typed_error_and_writes_nothing(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    @queue.task
+    async def charge(order_id: int, amount: float = 0.0) -> None: ...
+
+    bad_calls: list[tuple[tuple[Any, ...], dict[str, Any], str]] = [
+        (("seven",), {}, "order_id"),
+        ((), {}, "order_id"),
+        ((1,), {"colour": "red"}, "colour"),
+        ((1,), {"amount": "lots"}, "amount"),
+    ]
+    async with conn.transaction():
+        for args, kwargs, field in bad_calls:
+            with pytest.raises(PayloadError, match=field) as caught:
+                await queue.enqueue(conn, charge, *args, **kwargs)  # type: ignore[arg-type]
+            assert caught.value.task == charge.name
+    assert await count_jobs(queue) == 0
+
+
+async def test_enqueue_by_name_needs_no_handler(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    producer = Queue(queue.conninfo, schema=queue.schema)  # knows no tasks at all
+    async with conn.transaction():
+        job = await producer.enqueue(conn, "billing.charge", order_id=7)
+        ref = TaskRef(name="billing.refund", queue="billing", priority=5)
+        other = await producer.enqueue(conn, ref, order_id=8)
+    assert (job.task, job.queue) == ("billing.charge", "default")
+    record = await queue.get_job(other.id)
+    assert record is not None
+    assert (record.task, record.queue, record.priority) == ("billing.refund", "billing", 5)
+    assert record.args == '{"order_id": 8}'
+
+
+async def test_enqueue_by_name_rejects_unencodable_and_positional(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    with pytest.raises(PayloadError, match="keyword arguments only"):
+        await queue.enqueue(conn, "billing.charge", 7)  # type: ignore[call-overload]
+    with pytest.raises(PayloadError, match="JSON"):
+        await queue.enqueue(conn, "billing.charge", when=object())
+    await conn.rollback()
+    assert await count_jobs(queue) == 0
+
+
+async def test_enqueue_concurrent_producers_all_land(queue: Queue, database_dsn: str) -> None:
+    @queue.task
+    async def send(i: int) -> None: ...
+
+    async def produce(start: int) -> None:
+        async with await pgoutbox.connect(database_dsn) as c:
+            for i in range(start, start + 20):
+                async with c.transaction():
+                    await queue.enqueue(c, send, i)
+
+    async with anyio.create_task_group() as tg:
+        for start in range(0, 100, 20):
+            tg.start_soon(produce, start)
+    assert await count_jobs(queue) == 100
