@@ -199,7 +199,7 @@ class Queue:
         """
 
         def register(handler: Callable[..., Awaitable[Any]]) -> Task[Any, Any]:
-            task_name = name or f"{handler.__module__}.{handler.__qualname__}"
+            task_name = f"{handler.__module__}.{handler.__qualname__}" if name is None else name
             if task_name in self._tasks:
                 raise ConfigurationError(f"a task named {task_name!r} is already registered")
             task = Task(

@@ -1,0 +1,110 @@
+"""Migrations: from zero, re-run, many at once, and the schema check."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+from psycopg import sql
+
+import pgoutbox
+from pgoutbox import Queue, SchemaError
+from pgoutbox._sql import load_migrations
+
+pytestmark = pytest.mark.anyio
+
+
+async def _drop(database_dsn: str, schema: str) -> None:
+    async with await pgoutbox.connect(database_dsn, autocommit=True) as conn:
+        await conn.execute(
+            sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema))
+        )
+
+
+async def _versions(conn: pgoutbox.Connection[Any], schema: str) -> list[int]:
+    cur = await conn.execute(
+        sql.SQL("SELECT version FROM {}.migrations ORDER BY version").format(sql.Identifier(schema))
+    )
+    return [row[0] for row in await cur.fetchall()]
+
+
+async def test_migrate_from_zero_then_rerun_is_noop(database_dsn: str, schema: str) -> None:
+    queue = Queue(database_dsn, schema=schema)
+    latest = len(load_migrations(schema))
+    try:
+        with pytest.raises(SchemaError, match="not installed"):
+            await queue.check_schema()
+        assert await queue.migrate() == list(range(1, latest + 1))
+        assert await queue.migrate() == []
+        assert await queue.check_schema() == latest
+        async with await pgoutbox.connect(database_dsn, autocommit=True) as conn:
+            assert await _versions(conn, schema) == list(range(1, latest + 1))
+    finally:
+        await _drop(database_dsn, schema)
+
+
+async def test_migrate_concurrently_applies_each_version_once(
+    database_dsn: str, schema: str
+) -> None:
+    results: list[list[int]] = []
+
+    async def migrate() -> None:
+        results.append(await Queue(database_dsn, schema=schema).migrate())
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for _ in range(8):
+                tg.start_soon(migrate)
+        applied = [r for r in results if r]
+        assert len(results) == 8
+        assert applied == [list(range(1, len(load_migrations(schema)) + 1))]
+    finally:
+        await _drop(database_dsn, schema)
+
+
+async def test_check_schema_reports_old_version(database_dsn: str, schema: str) -> None:
+    queue = Queue(database_dsn, schema=schema)
+    try:
+        await queue.migrate()
+        async with await pgoutbox.connect(database_dsn, autocommit=True) as conn:
+            await conn.execute(
+                sql.SQL("UPDATE {}.migrations SET version = 0").format(sql.Identifier(schema))
+            )
+        with pytest.raises(SchemaError, match="version 0"):
+            await queue.check_schema()
+    finally:
+        await _drop(database_dsn, schema)
+
+
+async def test_migrate_names_are_identifiers_not_sql(database_dsn: str) -> None:
+    with pytest.raises(pgoutbox.ConfigurationError, match="schema name"):
+        Queue(database_dsn, schema='x"; DROP TABLE pg_class; --')
+
+
+async def test_migrate_through_a_user_pool(database_dsn: str, schema: str) -> None:
+    async with pgoutbox.Pool(database_dsn, max_size=2) as pool:
+        queue = Queue(pool=pool, schema=schema)
+        try:
+            assert await queue.migrate() != []
+            assert queue.conninfo == database_dsn
+        finally:
+            await _drop(database_dsn, schema)
+
+
+async def test_migrated_tables_exist(queue: Queue) -> None:
+    async with queue.connection() as conn:
+        cur = await conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s "
+            "ORDER BY table_name",
+            [queue.schema],
+        )
+        assert [r[0] for r in await cur.fetchall()] == ["jobs", "migrations", "workers"]
+        with pytest.raises(psycopg.errors.CheckViolation):
+            await conn.execute(
+                sql.SQL(
+                    "INSERT INTO {}.jobs (queue, task, args, max_attempts) "
+                    "VALUES ('q', 't', '{{}}', 0)"
+                ).format(sql.Identifier(queue.schema))
+            )

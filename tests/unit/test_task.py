@@ -1,0 +1,143 @@
+"""Tasks, their options and payload codec, without a database."""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime
+
+import pytest
+
+from pgoutbox import ConfigurationError, PayloadError, Queue, RetryPolicy, TaskRef
+
+
+def test_task_default_name_is_module_and_qualname() -> None:
+    queue = Queue("", schema="unit")
+
+    @queue.task
+    async def handler(x: int) -> None: ...
+
+    assert (
+        handler.name == f"{__name__}.test_task_default_name_is_module_and_qualname.<locals>.handler"
+    )
+    assert queue.get_task(handler.name) is handler
+
+
+def test_task_options_and_duplicate_name() -> None:
+    queue = Queue("", schema="unit")
+
+    @queue.task(name="mail.send", queue="mail", priority=3, timeout=5)
+    async def send(to: str) -> None: ...
+
+    assert (send.name, send.queue, send.priority, send.timeout) == ("mail.send", "mail", 3, 5)
+    with pytest.raises(ConfigurationError, match="already registered"):
+        queue.task(name="mail.send")(send.fn)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"name": "bad name"}, "task name"),
+        ({"name": ""}, "task name"),
+        ({"queue": "q;drop"}, "queue name"),
+        ({"priority": 40000}, "priority"),
+        ({"priority": True}, "priority"),
+        ({"timeout": 0}, "timeout"),
+    ],
+)
+def test_task_invalid_options_raise_configuration_error(
+    options: dict[str, object], match: str
+) -> None:
+    queue = Queue("", schema="unit")
+
+    async def handler() -> None: ...
+
+    with pytest.raises(ConfigurationError, match=match):
+        queue.task(**options)(handler)  # type: ignore[call-overload]
+
+
+def test_task_rejects_sync_and_variadic_handlers() -> None:
+    queue = Queue("", schema="unit")
+
+    def sync(x: int) -> None: ...
+
+    async def variadic(*args: int) -> None: ...
+
+    async def unencodable(x: object) -> None: ...
+
+    with pytest.raises(ConfigurationError, match="async def"):
+        queue.task(sync)  # type: ignore[type-var, arg-type]
+    with pytest.raises(ConfigurationError, match=r"\*args"):
+        queue.task(variadic)
+    queue.task(unencodable)  # `object` means "any JSON value"
+
+
+def test_task_encode_validates_and_decode_round_trips() -> None:
+    queue = Queue("", schema="unit")
+
+    @queue.task
+    async def book(room: int, when: datetime, guests: list[str] | None = None) -> None: ...
+
+    when = datetime.fromisoformat("2026-01-02T03:04:05+00:00")
+    data = book.encode_args((12,), {"when": when})
+    assert book.decode_args(data) == {"room": 12, "when": when, "guests": None}
+    with pytest.raises(PayloadError, match=r"\$\.room"):
+        book.encode_args(("12",), {"when": when})
+    with pytest.raises(PayloadError, match="missing a required argument"):
+        book.encode_args((), {})
+    with pytest.raises(PayloadError, match="guests"):
+        book.decode_args('{"room": 1, "when": "2026-01-02T03:04:05Z", "guests": [1]}')
+    with pytest.raises(PayloadError, match="unknown field"):
+        book.decode_args('{"room": 1, "when": "2026-01-02T03:04:05Z", "extra": 1}')
+
+
+def test_task_options_validate_delay_and_run_at() -> None:
+    queue = Queue("", schema="unit")
+
+    @queue.task
+    async def later() -> None: ...
+
+    with pytest.raises(ConfigurationError, match="delay"):
+        later.options(delay=-1)
+    with pytest.raises(ConfigurationError, match="timezone-aware"):
+        later.options(run_at=datetime(2030, 1, 1))  # noqa: DTZ001 (the point of the test)
+    assert later.options(queue="other").queue == "other"
+    assert later.queue == "default"
+
+
+def test_task_ref_validates() -> None:
+    with pytest.raises(ConfigurationError, match="queue name"):
+        TaskRef(name="ok", queue="no spaces")
+    with pytest.raises(ConfigurationError, match="max_attempts"):
+        TaskRef(name="ok", max_attempts=0)
+
+
+def test_retry_policy_intervals_grow_and_cap() -> None:
+    random.seed(1)
+    policy = RetryPolicy(initial_interval=1, multiplier=2, max_interval=10, jitter=0)
+    assert [policy.interval(n) for n in range(1, 7)] == [1, 2, 4, 8, 10, 10]
+    jittery = RetryPolicy(initial_interval=10, jitter=0.5)
+    assert all(5 <= jittery.interval(1) <= 15 for _ in range(100))
+
+
+def test_retry_policy_should_retry() -> None:
+    policy = RetryPolicy(max_attempts=3, retry_on=(ValueError,))
+    assert policy.should_retry(ValueError(), 1)
+    assert not policy.should_retry(ValueError(), 3)
+    assert not policy.should_retry(KeyError(), 1)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"max_attempts": 0}, {"multiplier": 0.5}, {"jitter": 1.0}, {"initial_interval": -1}],
+)
+def test_retry_policy_rejects_bad_values(options: dict[str, float]) -> None:
+    with pytest.raises(ConfigurationError):
+        RetryPolicy(**options)  # type: ignore[arg-type]
+
+
+def test_queue_without_dsn_says_how_to_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PGOUTBOX_DSN", raising=False)
+    with pytest.raises(ConfigurationError, match="PGOUTBOX_DSN"):
+        _ = Queue(schema="unit").conninfo
+    monkeypatch.setenv("PGOUTBOX_DSN", "dbname=x")
+    assert Queue(schema="unit").conninfo == "dbname=x"
