@@ -27,7 +27,8 @@ idle latency
       to the first line of the handler; this adds the INSERT+NOTIFY and the
       COMMIT round trips.
 
-    A few warm-up jobs, not measured, make sure the worker is listening first.
+    Measuring starts once `Worker.wait_listening` returned and a few warm-up
+    jobs (not measured) ran.
 
 drain throughput
     N no-op jobs are bulk-inserted (one ``INSERT ... SELECT generate_series``,
@@ -46,10 +47,12 @@ import os
 import platform
 import secrets
 import statistics
+import subprocess
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from time import perf_counter
 from typing import Any, Final
 
@@ -308,14 +311,12 @@ async def measure_idle_latency(
             await pgoutbox.connect(dsn, autocommit=True) as conn,
             running(worker),
         ):
-            # Warm up until the worker listens, so that NOTIFY is what wakes it.
+            # NOTIFY must be what wakes the worker: wait for its LISTEN, then
+            # run a few unmeasured jobs (connections, prepared statements).
             with anyio.fail_after(WARMUP_TIMEOUT):
-                warmed = 0
-                while warmed < WARMUP_JOBS or not worker.statistics().listening:
-                    warmed += 1
-                    await enqueue_and_wait(
-                        conn, queue, task, signals, -warmed, timeout=WARMUP_TIMEOUT
-                    )
+                await worker.wait_listening()
+                for w in range(1, WARMUP_JOBS + 1):
+                    await enqueue_and_wait(conn, queue, task, signals, -w, timeout=WARMUP_TIMEOUT)
             for i in range(jobs):
                 t_before, t_commit = await enqueue_and_wait(
                     conn, queue, task, signals, i, timeout=JOB_START_TIMEOUT
@@ -323,7 +324,7 @@ async def measure_idle_latency(
                 t_start = signals.started_at[i]
                 after_commit.append((t_start - t_commit) * 1000)
                 before_enqueue.append((t_start - t_before) * 1000)
-        check_all_completed(schema, await job_states(dsn, schema), jobs + warmed)
+        check_all_completed(schema, await job_states(dsn, schema), jobs + WARMUP_JOBS)
     return LatencyResult(after_commit_ms=after_commit, before_enqueue_ms=before_enqueue)
 
 
@@ -407,6 +408,22 @@ async def measure_drain(dsn: str, schema: str, *, jobs: int, concurrency: int) -
 # -- report ------------------------------------------------------------------
 
 
+def source_revision() -> str:
+    """The git revision of the pgoutbox source tree, or "?" outside a checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=Path(pgoutbox.__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return out.stdout.strip() or "?"
+
+
 def machine_facts(backend: str, server_version: str) -> str:
     """One line describing where the benchmark ran."""
     if backend == "trio":
@@ -417,7 +434,7 @@ def machine_facts(backend: str, server_version: str) -> str:
         f"machine: cpus={os.cpu_count()} python={platform.python_version()} "
         f"postgresql={server_version} psycopg={psycopg.__version__} ({psycopg.pq.__impl__}) "
         f"anyio={metadata.version('anyio')} "
-        f"pgoutbox={pgoutbox.__version__} backend={backend}"
+        f"pgoutbox={pgoutbox.__version__} ({source_revision()}) backend={backend}"
     )
 
 

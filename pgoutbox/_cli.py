@@ -13,8 +13,15 @@ from typing import Final
 import anyio
 
 from ._queue import Queue
+from .errors import PgoutboxError
 
-__all__ = ["add_common_arguments", "configure_logging", "load_queue", "stop_on_signals"]
+__all__ = [
+    "add_common_arguments",
+    "configure_logging",
+    "load_queue",
+    "pgoutbox_error_in",
+    "stop_on_signals",
+]
 
 LOG_FORMAT: Final = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
@@ -76,3 +83,14 @@ async def stop_on_signals(stop: Callable[[], None], hard: anyio.CancelScope) -> 
                 log.warning("stopping at once", extra={"event": "worker.stopping_now"})
                 hard.cancel()
                 return
+
+
+def pgoutbox_error_in(error: BaseException) -> PgoutboxError | None:
+    """The `PgoutboxError` that `error` is or (in a task group's exception group) contains."""
+    if isinstance(error, PgoutboxError):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            if (found := pgoutbox_error_in(inner)) is not None:
+                return found
+    return None

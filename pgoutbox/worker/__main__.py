@@ -8,8 +8,13 @@ from collections.abc import Sequence
 
 import anyio
 
-from .._cli import add_common_arguments, configure_logging, load_queue, stop_on_signals
-from ..errors import PgoutboxError
+from .._cli import (
+    add_common_arguments,
+    configure_logging,
+    load_queue,
+    pgoutbox_error_in,
+    stop_on_signals,
+)
 from ._worker import DEFAULT_CONCURRENCY, DEFAULT_POLL_INTERVAL, DEFAULT_SHUTDOWN_TIMEOUT, Worker
 
 
@@ -71,8 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutdown_timeout=args.shutdown_timeout,
         )
         anyio.run(serve, worker, backend=args.backend)
-    except PgoutboxError as ex:
-        print(f"error: {ex}", file=sys.stderr)  # noqa: T201 (CLI output)
+    except BaseException as ex:
+        error = pgoutbox_error_in(ex)
+        if error is None:
+            raise
+        print(f"error: {error}", file=sys.stderr)  # noqa: T201 (CLI output)
         return 2
     return 0
 

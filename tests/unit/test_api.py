@@ -32,10 +32,8 @@ def test_api_every_public_symbol_has_a_docstring() -> None:
             missing.append(name)
         if inspect.isclass(obj):
             for attr, member in vars(obj).items():
-                if (
-                    attr.startswith("_")
-                    or not callable(member)
-                    and not isinstance(member, property)
+                if attr.startswith("_") or (
+                    not callable(member) and not isinstance(member, property)
                 ):
                     continue
                 if not inspect.getdoc(member):
