@@ -96,9 +96,9 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
         base = min(self.max_interval, self.initial_interval * self.multiplier ** (attempt - 1))
         return base * (1 + self.jitter * (2 * random.random() - 1))  # noqa: S311 (not crypto)
 
-    def should_retry(self, exc: BaseException, attempt: int) -> bool:
-        """Whether a job whose attempt `attempt` raised `exc` gets another attempt."""
-        return attempt < self.max_attempts and isinstance(exc, self.retry_on)
+    def retries(self, exc: BaseException) -> bool:
+        """Whether `exc` is worth another attempt (if the job has attempts left)."""
+        return isinstance(exc, self.retry_on)
 
 
 def _args_struct(name: str, fn: Callable[..., Any]) -> type[msgspec.Struct]:

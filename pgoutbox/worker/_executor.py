@@ -88,7 +88,8 @@ async def execute(task: Task[Any, Any], job: ClaimedJob) -> Outcome:
 
 def _failure(task: Task[Any, Any], job: ClaimedJob, error: Exception, duration: float) -> Outcome:
     """The outcome of an attempt that raised `error`: retry later, or fail for good."""
-    if task.retry.should_retry(error, job.attempt):
+    # The job's own max_attempts decides: a producer may have set it (TaskRef).
+    if job.attempt < job.max_attempts and task.retry.retries(error):
         delay = task.retry.interval(job.attempt)
         logger.warning(
             "job %s attempt %s failed, retrying in %.1f s: %s",

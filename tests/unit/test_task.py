@@ -119,11 +119,10 @@ def test_retry_policy_intervals_grow_and_cap() -> None:
     assert all(5 <= jittery.interval(1) <= 15 for _ in range(100))
 
 
-def test_retry_policy_should_retry() -> None:
+def test_retry_policy_retries_only_listed_exceptions() -> None:
     policy = RetryPolicy(max_attempts=3, retry_on=(ValueError,))
-    assert policy.should_retry(ValueError(), 1)
-    assert not policy.should_retry(ValueError(), 3)
-    assert not policy.should_retry(KeyError(), 1)
+    assert policy.retries(ValueError())
+    assert not policy.retries(KeyError())
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,67 @@
+"""pgoutbox quickstart: enqueue inside your transaction, let a worker run the jobs.
+
+Run it with ``python examples/quickstart.py``. It uses ``$PGOUTBOX_DSN``, or the
+local server at 127.0.0.1:5432 (user postgres, database test).
+"""
+
+from __future__ import annotations
+
+import os
+
+import anyio
+
+import pgoutbox
+
+DSN = os.environ.get("PGOUTBOX_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=test")
+
+queue = pgoutbox.Queue(DSN, schema="quickstart")
+done = anyio.Event()
+emails_sent: list[str] = []
+
+
+@queue.task(queue="emails")
+async def send_welcome(user_id: int, email: str) -> None:
+    """The handler: its annotated parameters are the job's payload."""
+    emails_sent.append(email)
+    print(f"  worker: welcome email to {email} (user {user_id})")
+    if len(emails_sent) == 2:
+        done.set()
+
+
+async def sign_up(conn: pgoutbox.Connection[tuple[object, ...]], email: str) -> None:
+    """Your application code: the user row and the job commit together, or not at all."""
+    async with conn.transaction():
+        cur = await conn.execute(
+            "INSERT INTO quickstart_users (email) VALUES (%s) RETURNING id", [email]
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        job = await queue.enqueue(conn, send_welcome, row[0], email)
+        print(f"producer: signed up {email}, enqueued job {job.id}")
+
+
+async def main() -> None:
+    await queue.migrate()
+    async with await pgoutbox.connect(DSN, autocommit=True) as conn:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS quickstart_users (id serial PRIMARY KEY, email text)"
+        )
+        worker = pgoutbox.Worker(queue, concurrency=4)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            await sign_up(conn, "ada@example.com")
+            try:
+                async with conn.transaction():
+                    await queue.enqueue(conn, send_welcome, 0, "ghost@example.com")
+                    raise RuntimeError("payment failed")  # rolls back: no job, no email
+            except RuntimeError:
+                print("producer: a sign-up rolled back; its job never existed")
+            await sign_up(conn, "grace@example.com")
+            with anyio.fail_after(30):
+                await done.wait()
+            worker.stop()
+    print(f"done: {len(emails_sent)} emails sent, none to ghost@example.com")
+
+
+if __name__ == "__main__":
+    anyio.run(main)
