@@ -32,11 +32,13 @@ idle latency
 
 drain throughput
     N no-op jobs are bulk-inserted (one ``INSERT ... SELECT generate_series``,
-    then ``ANALYZE``) before a worker starts; the clock runs from just before
-    the worker starts (connect, schema check and registration included) until
-    the handler has been called N times. ``first→last`` is the same count over
-    the span from the first to the last handler call, without start-up. The
-    worker then stops gracefully and every job must be ``completed``.
+    then ``ANALYZE``) before a worker (default poll interval) starts; the clock
+    runs from just before the worker starts (connect, schema check and
+    registration included) until the handler has been called N times.
+    ``first→last`` is the same count over the span from the first to the last
+    handler call, without start-up; ``jobs per fetch`` is N over the worker's
+    fetch count. The worker then stops gracefully and every job must be
+    ``completed``.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import platform
 import secrets
 import statistics
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -540,7 +543,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point."""
     opts = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    anyio.run(run_benchmark, opts, backend=opts.backend)
+    interrupted = False
+    try:
+        anyio.run(run_benchmark, opts, backend=opts.backend)
+    except* KeyboardInterrupt:  # bare on asyncio, inside a task group's group on trio
+        interrupted = True
+    if interrupted:
+        print("interrupted (the benchmark database was dropped)", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -40,16 +40,24 @@ WITH job AS (
 SELECT job.id, job.run_at, pg_notify(%(channel)s, %(queue)s) FROM job
 
 -- name: job_get_available
+-- One index scan per queue (a plain `queue = q.name` keeps jobs_fetch_idx in
+-- order; `queue = ANY(...)` would scan and sort every waiting row).
 WITH next AS (
-    SELECT id
-    FROM {schema}.jobs
-    WHERE state IN ('scheduled', 'available', 'retryable')
-      AND run_at <= now()
-      AND queue = ANY(%(queues)s::text[])
-      AND task = ANY(%(tasks)s::text[])
-    ORDER BY priority DESC, run_at, id
+    SELECT candidate.id
+    FROM unnest(%(queues)s::text[]) AS q(name)
+    CROSS JOIN LATERAL (
+        SELECT id, priority, run_at
+        FROM {schema}.jobs
+        WHERE queue = q.name
+          AND state IN ('scheduled', 'available', 'retryable')
+          AND run_at <= now()
+          AND task = ANY(%(tasks)s::text[])
+        ORDER BY priority DESC, run_at, id
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ) AS candidate
+    ORDER BY candidate.priority DESC, candidate.run_at, candidate.id
     LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
 )
 UPDATE {schema}.jobs AS j
 SET state = 'running',
