@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import anyio
+from psycopg.rows import scalar_row
 
 import pgoutbox
 
@@ -31,13 +32,18 @@ async def send_welcome(user_id: int, email: str) -> None:
 async def sign_up(conn: pgoutbox.Connection[tuple[object, ...]], email: str) -> None:
     """Your application code: the user row and the job commit together, or not at all."""
     async with conn.transaction():
-        cur = await conn.execute(
-            "INSERT INTO quickstart_users (email) VALUES (%s) RETURNING id", [email]
-        )
-        row = await cur.fetchone()
-        assert row is not None
-        job = await queue.enqueue(conn, send_welcome, row[0], email)
+        cur = conn.cursor(row_factory=scalar_row)
+        await cur.execute("INSERT INTO quickstart_users (email) VALUES (%s) RETURNING id", [email])
+        user_id = await cur.fetchone()
+        job = await queue.enqueue(conn, send_welcome, user_id, email)
         print(f"producer: signed up {email}, enqueued job {job.id}")
+
+
+async def sign_up_then_fail(conn: pgoutbox.Connection[tuple[object, ...]], email: str) -> None:
+    """A sign-up whose transaction fails after the enqueue: no user, no job, no email."""
+    async with conn.transaction():
+        await queue.enqueue(conn, send_welcome, 0, email)
+        raise RuntimeError("payment failed")
 
 
 async def main() -> None:
@@ -51,9 +57,7 @@ async def main() -> None:
             tg.start_soon(worker.run)
             await sign_up(conn, "ada@example.com")
             try:
-                async with conn.transaction():
-                    await queue.enqueue(conn, send_welcome, 0, "ghost@example.com")
-                    raise RuntimeError("payment failed")  # rolls back: no job, no email
+                await sign_up_then_fail(conn, "ghost@example.com")
             except RuntimeError:
                 print("producer: a sign-up rolled back; its job never existed")
             await sign_up(conn, "grace@example.com")

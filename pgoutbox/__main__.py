@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 import anyio
+import psycopg
 
 from ._cli import add_common_arguments, configure_logging, load_queue
 from ._queue import DEFAULT_SCHEMA, Queue
@@ -29,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     migrate.add_argument("--dsn", help="connection string (default: the queue's, or $PGOUTBOX_DSN)")
     migrate.add_argument(
-        "--schema", help=f"schema name when no queue is given (default: {DEFAULT_SCHEMA})"
+        "--schema",
+        help=f"schema name (default: the queue's, or {DEFAULT_SCHEMA} when no queue is given)",
     )
     add_common_arguments(migrate)
     commands.add_parser(
@@ -51,14 +53,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return worker_cli.main(argv[1:])
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
-    if args.queue:
-        app_queue = load_queue(args.queue)
-        queue = Queue(args.dsn or app_queue.conninfo, schema=args.schema or app_queue.schema)
-    else:
-        queue = Queue(args.dsn, schema=args.schema or DEFAULT_SCHEMA)
     try:
+        if args.queue:
+            app_queue = load_queue(args.queue)
+            queue = Queue(args.dsn or app_queue.conninfo, schema=args.schema or app_queue.schema)
+        else:
+            queue = Queue(args.dsn, schema=args.schema or DEFAULT_SCHEMA)
         anyio.run(_migrate, queue, backend=args.backend)
-    except PgoutboxError as ex:
+    except (PgoutboxError, psycopg.OperationalError) as ex:
         print(f"error: {ex}", file=sys.stderr)  # noqa: T201 (CLI output)
         return 2
     return 0

@@ -14,7 +14,8 @@ class JobState(StrEnum):
     """Where a job is in its lifecycle.
 
     ``scheduled``/``available`` → ``running`` → ``completed``, or
-    ``retryable`` → … → ``failed``; ``cancelled`` from any waiting state.
+    ``retryable`` → … → ``failed``. ``cancelled`` is reserved for job
+    cancellation, which this version does not offer yet.
     """
 
     SCHEDULED = "scheduled"

@@ -1,17 +1,16 @@
 """Errors pgoutbox raises to its callers.
 
 Every error raised by pgoutbox derives from `PgoutboxError`, so one ``except``
-catches them all; each message names what was wrong and how to fix it::
+catches them all; each message names what was wrong and how to fix it.
 
-    PgoutboxError
-    ├── ConfigurationError        a Queue, task or Worker option is invalid
-    ├── TaskNotFoundError         enqueue or run named a task nobody registered
-    ├── PayloadError              arguments do not match the task's parameters
-    ├── SchemaError               the database schema is missing or too old
-    └── IncompatiblePsycopgError  the installed psycopg lacks an internal we need
-
-Signals that a *handler* raises to pgoutbox (retry later, give up) live in
-`pgoutbox.signals`; they are not errors of pgoutbox's own.
+```text
+PgoutboxError
+├── ConfigurationError        a Queue, task or Worker option is invalid
+├── TaskNotFoundError         enqueue or run named a task nobody registered
+├── PayloadError              arguments do not match the task's parameters
+├── SchemaError               the database schema is missing or too old
+└── IncompatiblePsycopgError  the installed psycopg lacks an internal we need
+```
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ __all__ = ["DEFAULT_PROBE_INTERVAL", "Listener"]
 logger = logging.getLogger("pgoutbox.listener")
 
 DEFAULT_PROBE_INTERVAL: Final = 30.0
-"""Seconds of silence after which the listener checks its connection still answers."""
+"""Seconds between checks that the LISTEN connection still answers a query."""
 
 PROBE_TIMEOUT: Final = 10.0
 """Seconds a probe may take before the listener connection is deemed dead."""
@@ -34,8 +34,8 @@ class Listener:
     If LISTEN cannot be set up, or the connection dies, it logs one warning,
     leaves the producer to poll, and retries with backoff; after every
     successful LISTEN it sets `wakeup` so that the producer fetches whatever was
-    notified while nobody listened. A connection silent for `probe_interval`
-    seconds is probed with a query, so a half-open socket is noticed.
+    notified while nobody listened. Every `probe_interval` seconds it runs a
+    query on the connection, so a half-open socket is noticed.
     """
 
     def __init__(

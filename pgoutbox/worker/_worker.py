@@ -115,8 +115,8 @@ class Worker:
         poll_interval: seconds between fetches when no notification arrives.
         shutdown_timeout: seconds running jobs get after `stop` before they are
             cancelled and returned to the queue.
-        probe_interval: seconds of silence after which the LISTEN connection is
-            checked.
+        probe_interval: seconds between checks that the LISTEN connection
+            still answers.
 
     A worker holds two connections: one for fetching and acknowledging, one
     for LISTEN. It claims only the tasks registered on `queue`, so during a

@@ -138,6 +138,61 @@ def test_cli_worker_processes_jobs_and_drains_on_sigterm(
     assert workers == (0,)
 
 
+def test_cli_second_signal_stops_at_once_and_returns_job(
+    app: tuple[Path, str, str], database_dsn: str
+) -> None:
+    cwd, schema, channel = app
+    env = _env(database_dsn)
+    subprocess.run(
+        [sys.executable, "-m", "pgoutbox", "migrate", "e2e_app:queue"],
+        cwd=cwd, env=env, capture_output=True, timeout=TIMEOUT, check=True,
+    )  # fmt: skip
+    with psycopg.connect(database_dsn, autocommit=True) as listener:
+        listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "pgoutbox.worker", "e2e_app:queue", "--shutdown-timeout", "600"],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            _enqueue_by_name(database_dsn, schema, "e2e.slow", seconds=600.0)
+            _wait_for(listener, {"slow:started"})
+            worker.send_signal(signal.SIGTERM)
+            # Two signals sent back to back may be delivered as one: wait for the first.
+            seen = _read_until(worker, "SIGTERM received")
+            worker.send_signal(signal.SIGTERM)
+            output, _ = worker.communicate(timeout=TIMEOUT)
+            output = seen + output
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+                worker.communicate()
+    assert worker.returncode == 0, output
+    assert "stopping at once" in output
+    with psycopg.connect(database_dsn) as conn:
+        row = conn.execute(
+            sql.SQL("SELECT state::text, worker_id FROM {}.jobs").format(sql.Identifier(schema))
+        ).fetchone()
+    assert row == ("available", None)
+
+
+def _read_until(process: subprocess.Popen[str], text: str) -> str:
+    """Read the process's output line by line until a line contains `text`.
+
+    Bounded by the test timeout (pytest-timeout) should the line never come.
+    """
+    assert process.stdout is not None
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if text in line:
+            return "".join(lines)
+    pytest.fail(f"the process ended without printing {text!r}: {''.join(lines)}")
+
+
 def _enqueue_by_name(database_dsn: str, schema: str, task: str, **kwargs: object) -> None:
     """Enqueue as a producer that never imported the handler's module."""
 

@@ -8,6 +8,7 @@ from typing import Any
 import anyio
 import psycopg
 import pytest
+from psycopg_pool import AsyncConnectionPool
 
 import pgoutbox
 from pgoutbox import PayloadError, Queue, TaskRef
@@ -185,3 +186,30 @@ async def test_enqueue_concurrent_producers_all_land(queue: Queue, database_dsn:
         for start in range(0, 100, 20):
             tg.start_soon(produce, start)
     assert await count_jobs(queue) == 100
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_enqueue_on_stock_psycopg_connection_and_pool(
+    queue: Queue, database_dsn: str
+) -> None:
+    """On asyncio, users keep their own psycopg connections and psycopg_pool pools."""
+
+    @queue.task
+    async def send(to: str) -> None: ...
+
+    async with (
+        await psycopg.AsyncConnection.connect(database_dsn) as stock,
+        stock.transaction(),
+    ):
+        first = await queue.enqueue(stock, send, "a@example.com")
+    pool = AsyncConnectionPool(database_dsn, min_size=1, max_size=2, open=False)
+    await pool.open()
+    try:
+        pooled = Queue(pool=pool, schema=queue.schema)
+        async with pool.connection() as conn, conn.transaction():
+            second = await pooled.enqueue(conn, send, "b@example.com")
+        assert (await pooled.get_job(second.id)) is not None
+    finally:
+        await pool.close()
+    assert first.id < second.id
+    assert await count_jobs(queue) == 2

@@ -28,8 +28,8 @@ CREATE TABLE {schema}.jobs (
     errors        jsonb[] NOT NULL DEFAULT ARRAY[]::jsonb[],
     CONSTRAINT jobs_attempts_positive CHECK (max_attempts > 0)
 ) WITH (
-    -- A queue table is rewritten constantly: leave room for HOT updates and
-    -- vacuum it long before the default fifth of dead rows.
+    -- A queue table is rewritten constantly: leave free space in each page for
+    -- the new row versions, and vacuum long before the default fifth is dead.
     fillfactor = 80,
     autovacuum_vacuum_scale_factor = 0.01,
     autovacuum_vacuum_insert_scale_factor = 0.01,
