@@ -35,6 +35,8 @@ async def sign_up(conn: pgoutbox.Connection[tuple[object, ...]], email: str) -> 
         cur = conn.cursor(row_factory=scalar_row)
         await cur.execute("INSERT INTO quickstart_users (email) VALUES (%s) RETURNING id", [email])
         user_id = await cur.fetchone()
+        if user_id is None:
+            raise RuntimeError("INSERT ... RETURNING returned no row")
         job = await queue.enqueue(conn, send_welcome, user_id, email)
         print(f"producer: signed up {email}, enqueued job {job.id}")
 
