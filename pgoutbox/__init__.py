@@ -5,19 +5,24 @@ connection inside your own transaction with `Queue.enqueue`, and run them with
 `Worker` (or ``python -m pgoutbox.worker``).
 """
 
+from . import signals
 from ._connection import Connection, connect
-from ._job import Job, JobError, JobRecord, JobState
+from ._context import JobContext, current_job
+from ._job import CancelResult, Job, JobError, JobRecord, JobState
 from ._pool import Pool
 from ._queue import DEFAULT_SCHEMA, DSN_ENV, ConnectionSource, Queue, TaskRef
 from ._task import DEFAULT_MAX_ATTEMPTS, DEFAULT_PRIORITY, DEFAULT_QUEUE, RetryPolicy, Task
 from .errors import (
     ConfigurationError,
     IncompatiblePsycopgError,
+    JobLostError,
+    NoCurrentJobError,
     PayloadError,
     PgoutboxError,
     SchemaError,
     TaskNotFoundError,
 )
+from .signals import Discard, JobSignal, Retry, Snooze
 from .worker import Worker, WorkerStatistics
 
 __all__ = [
@@ -26,26 +31,36 @@ __all__ = [
     "DEFAULT_QUEUE",
     "DEFAULT_SCHEMA",
     "DSN_ENV",
+    "CancelResult",
     "ConfigurationError",
     "Connection",
     "ConnectionSource",
+    "Discard",
     "IncompatiblePsycopgError",
     "Job",
+    "JobContext",
     "JobError",
+    "JobLostError",
     "JobRecord",
+    "JobSignal",
     "JobState",
+    "NoCurrentJobError",
     "PayloadError",
     "PgoutboxError",
     "Pool",
     "Queue",
+    "Retry",
     "RetryPolicy",
     "SchemaError",
+    "Snooze",
     "Task",
     "TaskNotFoundError",
     "TaskRef",
     "Worker",
     "WorkerStatistics",
     "connect",
+    "current_job",
+    "signals",
 ]
 
 __version__ = "0.1.0"

@@ -7,7 +7,15 @@ from enum import StrEnum
 
 import msgspec
 
-__all__ = ["ClaimedJob", "Job", "JobError", "JobRecord", "JobState", "Outcome"]
+__all__ = [
+    "CancelResult",
+    "ClaimedJob",
+    "Job",
+    "JobError",
+    "JobRecord",
+    "JobState",
+    "Outcome",
+]
 
 
 class JobState(StrEnum):
@@ -119,7 +127,8 @@ class Outcome(msgspec.Struct, frozen=True):
     """How one attempt ended, as the completer writes it (internal to the worker).
 
     `delay` is set when the job goes back to waiting (seconds from now);
-    `error` is a JSON-encoded `JobError` when the attempt failed.
+    `error` is a JSON-encoded `JobError` when the attempt failed;
+    `extra_attempts` raises max_attempts (a snooze does not spend an attempt).
     """
 
     id: int
@@ -127,3 +136,18 @@ class Outcome(msgspec.Struct, frozen=True):
     state: JobState
     delay: float | None = None
     error: str | None = None
+    extra_attempts: int = 0
+
+
+class CancelResult(msgspec.Struct, frozen=True, kw_only=True):
+    """What `Queue.cancel` did.
+
+    Attributes:
+        cancelled: ids of waiting jobs that are now ``cancelled``.
+        requested: ids of running jobs whose worker was asked to cancel them;
+            each ends ``cancelled`` once its handler stops (or ``completed``,
+            if it finished first).
+    """
+
+    cancelled: tuple[int, ...]
+    requested: tuple[int, ...]

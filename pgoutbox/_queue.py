@@ -14,7 +14,7 @@ import psycopg
 
 from . import _store
 from ._connection import Connection
-from ._job import Job, JobRecord
+from ._job import CancelResult, Job, JobRecord
 from ._pool import Pool
 from ._sql import Statements, load_migrations, load_statements
 from ._task import (
@@ -28,7 +28,7 @@ from ._task import (
 )
 from .errors import ConfigurationError, PayloadError, SchemaError, TaskNotFoundError
 
-__all__ = ["DEFAULT_SCHEMA", "DSN_ENV", "ConnectionSource", "Queue", "TaskRef"]
+__all__ = ["CANCEL_PAYLOAD", "DEFAULT_SCHEMA", "DSN_ENV", "ConnectionSource", "Queue", "TaskRef"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -38,6 +38,9 @@ DEFAULT_SCHEMA: Final = "pgoutbox"
 
 DSN_ENV: Final = "PGOUTBOX_DSN"
 """The environment variable `Queue` reads its connection string from by default."""
+
+CANCEL_PAYLOAD: Final = "!cancel"
+"""NOTIFY payload asking workers to look for cancel requests (never a queue name)."""
 
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,47}$")
 
@@ -292,6 +295,32 @@ class Queue:
             channel=None if delayed else self.channel,
         )
         return Job(id=job_id, task=name, queue=queue, run_at=due)
+
+    async def cancel(self, conn: psycopg.AsyncConnection[Any], *job_ids: int) -> CancelResult:
+        """Cancel jobs on the caller's connection (in its transaction, if any).
+
+        Waiting jobs become ``cancelled`` at once. For running jobs the worker
+        running each is asked (by NOTIFY, and at its next heartbeat at the
+        latest) to cancel the handler's scope; the job then ends ``cancelled``.
+        Finished or unknown ids are left alone.
+
+        Returns:
+            Which ids were cancelled and which were asked to stop.
+        """
+        for job_id in job_ids:
+            if isinstance(job_id, bool) or not isinstance(job_id, int):
+                raise ConfigurationError(f"job ids are integers, got {job_id!r}")
+        st = self.statements
+        cancelled = await _store.job_cancel_waiting(conn, st, job_ids=job_ids)
+        rest = [job_id for job_id in job_ids if job_id not in set(cancelled)]
+        requested = (
+            await _store.job_request_cancel_running(
+                conn, st, job_ids=rest, channel=self.channel, payload=CANCEL_PAYLOAD
+            )
+            if rest
+            else []
+        )
+        return CancelResult(cancelled=tuple(cancelled), requested=tuple(requested))
 
     # -- database ------------------------------------------------------------
 

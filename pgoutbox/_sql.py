@@ -38,6 +38,11 @@ class Statements:
     job_get: bytes
     worker_register: bytes
     worker_delete: bytes
+    job_complete_fenced: bytes
+    job_cancel_waiting: bytes
+    job_request_cancel_running: bytes
+    worker_heartbeat: bytes
+    worker_rescue_expired: bytes
 
 
 @dataclass(frozen=True, slots=True)

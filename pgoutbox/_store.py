@@ -18,16 +18,21 @@ from ._job import ClaimedJob, JobError, JobRecord, JobState, Outcome
 from ._sql import Statements, load_migrations
 
 __all__ = [
+    "job_cancel_waiting",
+    "job_complete_fenced",
     "job_get",
     "job_get_available",
     "job_get_next_due",
     "job_insert",
+    "job_request_cancel_running",
     "job_set_outcome_many",
     "listen",
     "migrate",
     "schema_version",
     "worker_delete",
+    "worker_heartbeat",
     "worker_register",
+    "worker_rescue_expired",
 ]
 
 AnyConnection = psycopg.AsyncConnection[Any]
@@ -160,6 +165,7 @@ async def job_set_outcome_many(
             "states": [o.state.value for o in outcomes],
             "delays": [o.delay for o in outcomes],
             "errors": [o.error for o in outcomes],
+            "extra_attempts": [o.extra_attempts for o in outcomes],
         },
     )
     return {row[0] for row in await cur.fetchall()}
@@ -198,8 +204,9 @@ async def worker_register(
     queues: Sequence[str],
     tasks: Sequence[str],
     concurrency: int,
+    heartbeat_timeout: float,
 ) -> None:
-    """Record a live worker."""
+    """Record a live worker (again, if its row was removed)."""
     await conn.execute(
         st.worker_register,
         {
@@ -209,6 +216,7 @@ async def worker_register(
             "queues": list(queues),
             "tasks": list(tasks),
             "concurrency": concurrency,
+            "heartbeat_timeout": heartbeat_timeout,
         },
     )
 
@@ -223,3 +231,52 @@ async def worker_delete(conn: AnyConnection, st: Statements, *, worker_id: str) 
 async def listen(conn: AnyConnection, channel: str) -> None:
     """LISTEN on `channel` (an identifier, composed safely)."""
     await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+
+
+async def job_complete_fenced(
+    conn: AnyConnection, st: Statements, *, job_id: int, attempt: int
+) -> bool:
+    """Complete a running job if it still runs under `attempt` (in the caller's transaction)."""
+    cur = await conn.execute(st.job_complete_fenced, {"id": job_id, "attempt": attempt})
+    return await cur.fetchone() is not None
+
+
+async def job_cancel_waiting(
+    conn: AnyConnection, st: Statements, *, job_ids: Sequence[int]
+) -> list[int]:
+    """Cancel the waiting jobs among `job_ids`; return those cancelled."""
+    cur = await conn.execute(st.job_cancel_waiting, {"ids": list(job_ids)})
+    return sorted(row[0] for row in await cur.fetchall())
+
+
+async def job_request_cancel_running(
+    conn: AnyConnection, st: Statements, *, job_ids: Sequence[int], channel: str, payload: str
+) -> list[int]:
+    """Flag the running jobs among `job_ids` for cancellation and NOTIFY the workers."""
+    cur = await conn.execute(
+        st.job_request_cancel_running,
+        {"ids": list(job_ids), "channel": channel, "payload": payload},
+    )
+    return sorted(row[0] for row in await cur.fetchall())
+
+
+async def worker_heartbeat(
+    conn: AnyConnection, st: Statements, *, worker_id: str
+) -> tuple[bool, list[int]]:
+    """Refresh a worker's heartbeat; return (its row exists, its jobs to cancel)."""
+    cur = await conn.execute(st.worker_heartbeat, {"id": worker_id})
+    row = await cur.fetchone()
+    assert row is not None  # noqa: S101 (a SELECT without FROM returns one row)
+    return bool(row[0]), list(row[1])
+
+
+async def worker_rescue_expired(
+    conn: AnyConnection, st: Statements, *, schema: str
+) -> tuple[int, int]:
+    """Remove workers silent past their heartbeat timeout and rescue their jobs, unless
+    another worker holds the maintenance lock. Returns (workers removed, jobs rescued).
+    """
+    cur = await conn.execute(st.worker_rescue_expired, {"schema": schema})
+    row = await cur.fetchone()
+    assert row is not None  # noqa: S101 (a SELECT without FROM returns one row)
+    return int(row[0]), int(row[1])

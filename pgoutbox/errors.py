@@ -9,8 +9,13 @@ PgoutboxError
 ├── TaskNotFoundError         enqueue or run named a task nobody registered
 ├── PayloadError              arguments do not match the task's parameters
 ├── SchemaError               the database schema is missing or too old
+├── JobLostError              a job's transactional completion was refused
+├── NoCurrentJobError         current_job() called outside a handler
 └── IncompatiblePsycopgError  the installed psycopg lacks an internal we need
 ```
+
+Signals that a *handler* raises to pgoutbox (retry, snooze, discard) live in
+`pgoutbox.signals`; they are not errors of pgoutbox's own.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from __future__ import annotations
 __all__ = [
     "ConfigurationError",
     "IncompatiblePsycopgError",
+    "JobLostError",
+    "NoCurrentJobError",
     "PayloadError",
     "PgoutboxError",
     "SchemaError",
@@ -67,6 +74,20 @@ class SchemaError(PgoutboxError):
 
     Fix it with ``await queue.migrate()`` or ``python -m pgoutbox migrate``.
     """
+
+
+class JobLostError(PgoutboxError):
+    """The job is no longer running under this attempt, so its transaction was rolled back.
+
+    Raised by `JobContext.transaction` when, at commit time, the job had been
+    rescued from this worker (its heartbeat expired) or cancelled: the
+    handler's database work in that transaction is not committed, so it takes
+    effect at most once, in whichever attempt completes the job.
+    """
+
+
+class NoCurrentJobError(PgoutboxError, LookupError):
+    """`current_job` was called outside a running handler."""
 
 
 class IncompatiblePsycopgError(PgoutboxError, ImportError):

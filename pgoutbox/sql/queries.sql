@@ -82,13 +82,15 @@ UPDATE {schema}.jobs AS j
 SET state = o.state::{schema}.job_state,
     run_at = CASE WHEN o.delay IS NULL THEN j.run_at
                   ELSE now() + o.delay * interval '1 second' END,
+    max_attempts = j.max_attempts + o.extra_attempts,
+    cancel_requested_at = NULL,
     finished_at = CASE WHEN o.state IN ('completed', 'failed', 'cancelled') THEN now() END,
     errors = CASE WHEN o.error IS NULL THEN j.errors ELSE array_append(j.errors, o.error) END,
     worker_id = NULL
 FROM unnest(
     %(ids)s::bigint[], %(attempts)s::integer[], %(states)s::text[],
-    %(delays)s::float8[], %(errors)s::jsonb[]
-) AS o(id, attempt, state, delay, error)
+    %(delays)s::float8[], %(errors)s::jsonb[], %(extra_attempts)s::integer[]
+) AS o(id, attempt, state, delay, error, extra_attempts)
 WHERE j.id = o.id AND j.attempt = o.attempt AND j.state = 'running'
 RETURNING j.id
 
@@ -100,8 +102,12 @@ FROM {schema}.jobs
 WHERE id = %(id)s
 
 -- name: worker_register
-INSERT INTO {schema}.workers (id, hostname, pid, queues, tasks, concurrency)
-VALUES (%(id)s, %(hostname)s, %(pid)s, %(queues)s, %(tasks)s, %(concurrency)s)
+INSERT INTO {schema}.workers (id, hostname, pid, queues, tasks, concurrency, heartbeat_timeout)
+VALUES (
+    %(id)s, %(hostname)s, %(pid)s, %(queues)s, %(tasks)s, %(concurrency)s,
+    %(heartbeat_timeout)s
+)
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()
 
 -- name: worker_delete
 WITH released AS (
@@ -113,3 +119,74 @@ WITH released AS (
     DELETE FROM {schema}.workers WHERE id = %(id)s
 )
 SELECT count(*) FROM released
+
+-- name: job_complete_fenced
+UPDATE {schema}.jobs
+SET state = 'completed', finished_at = now(), worker_id = NULL, cancel_requested_at = NULL
+WHERE id = %(id)s AND attempt = %(attempt)s AND state = 'running'
+RETURNING id
+
+-- name: job_cancel_waiting
+UPDATE {schema}.jobs
+SET state = 'cancelled', finished_at = now()
+WHERE id = ANY(%(ids)s::bigint[]) AND state IN ('scheduled', 'available', 'retryable')
+RETURNING id
+
+-- name: job_request_cancel_running
+WITH asked AS (
+    UPDATE {schema}.jobs
+    SET cancel_requested_at = coalesce(cancel_requested_at, now())
+    WHERE id = ANY(%(ids)s::bigint[]) AND state = 'running'
+    RETURNING id
+)
+SELECT id, pg_notify(%(channel)s, %(payload)s) FROM asked
+
+-- name: worker_heartbeat
+-- Refresh our heartbeat; return whether our row still exists (false: we were
+-- declared dead and our jobs rescued) and which of our jobs should be cancelled.
+WITH beat AS (
+    UPDATE {schema}.workers SET heartbeat_at = now() WHERE id = %(id)s RETURNING id
+)
+SELECT
+    EXISTS (SELECT 1 FROM beat),
+    array(
+        SELECT id FROM {schema}.jobs
+        WHERE worker_id = %(id)s AND state = 'running' AND cancel_requested_at IS NOT NULL
+    )
+
+-- name: worker_rescue_expired
+-- Remove workers whose heartbeat expired and retry (or fail, when out of
+-- attempts) the jobs they held, and any running job whose worker row is gone.
+-- One statement, so it never shares a transaction with other work on the
+-- worker's connection; the advisory lock lets one worker at a time do it.
+WITH lock AS (
+    SELECT pg_try_advisory_xact_lock(
+        hashtextextended('pgoutbox.maintenance:' || %(schema)s, 0)
+    ) AS held
+), dead AS (
+    DELETE FROM {schema}.workers
+    WHERE (SELECT held FROM lock)
+      AND heartbeat_at < now() - heartbeat_timeout * interval '1 second'
+    RETURNING id
+), rescued AS (
+    UPDATE {schema}.jobs AS j
+    SET state = CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                     WHEN j.attempt >= j.max_attempts THEN 'failed'
+                     ELSE 'retryable' END::{schema}.job_state,
+        run_at = now(),
+        finished_at = CASE WHEN j.cancel_requested_at IS NOT NULL
+                             OR j.attempt >= j.max_attempts THEN now() END,
+        worker_id = NULL,
+        errors = array_append(j.errors, jsonb_build_object(
+            'attempt', j.attempt,
+            'at', now(),
+            'type', 'pgoutbox.WorkerLost',
+            'message', 'the worker running this attempt stopped sending heartbeats'
+        ))
+    WHERE (SELECT held FROM lock)
+      AND j.state = 'running'
+      AND (j.worker_id IN (SELECT id FROM dead)
+           OR NOT EXISTS (SELECT 1 FROM {schema}.workers AS w WHERE w.id = j.worker_id))
+    RETURNING j.id
+)
+SELECT (SELECT count(*) FROM dead), (SELECT count(*) FROM rescued)

@@ -6,6 +6,9 @@ Run it from code with ``await Worker(queue).run()`` or from a shell with
 
 from ._worker import (
     DEFAULT_CONCURRENCY,
+    DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_HEARTBEAT_TIMEOUT,
+    DEFAULT_MAINTENANCE_INTERVAL,
     DEFAULT_POLL_INTERVAL,
     DEFAULT_SHUTDOWN_TIMEOUT,
     Worker,
@@ -14,6 +17,9 @@ from ._worker import (
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
+    "DEFAULT_HEARTBEAT_INTERVAL",
+    "DEFAULT_HEARTBEAT_TIMEOUT",
+    "DEFAULT_MAINTENANCE_INTERVAL",
     "DEFAULT_POLL_INTERVAL",
     "DEFAULT_SHUTDOWN_TIMEOUT",
     "Worker",

@@ -22,6 +22,9 @@ logger = logging.getLogger("pgoutbox.worker")
 MAX_BATCH: Final = 1000
 """Outcomes written in one statement at most."""
 
+WRITE_TIMEOUT: Final = 30.0
+"""Seconds a batch write may take before the connection is deemed dead (then retried)."""
+
 
 class Completer:
     """Collects outcomes from executors and writes each batch in one fenced statement.
@@ -70,8 +73,9 @@ class Completer:
         while True:
             conn = await self._link.get()
             try:
-                written = await _store.job_set_outcome_many(conn, self._statements, batch)
-            except (psycopg.OperationalError, psycopg.InterfaceError) as ex:
+                with anyio.fail_after(WRITE_TIMEOUT):
+                    written = await _store.job_set_outcome_many(conn, self._statements, batch)
+            except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as ex:
                 await self._link.failed(conn, ex)
                 continue
             self._link.succeeded()

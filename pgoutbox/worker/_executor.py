@@ -11,9 +11,11 @@ from typing import Any, Final
 import anyio
 import msgspec
 
+from .._context import JobContext, enter
 from .._job import ClaimedJob, JobError, JobState, Outcome
 from .._task import Task
-from ..errors import PayloadError
+from ..errors import JobLostError, PayloadError
+from ..signals import Discard, JobSignal, Retry, Snooze
 
 __all__ = ["execute", "interrupted"]
 
@@ -49,11 +51,15 @@ class WorkerShutdownError(Exception):
     """The worker stopped while the attempt ran; the job goes back to the queue."""
 
 
-async def execute(task: Task[Any, Any], job: ClaimedJob) -> Outcome:
+async def execute(
+    task: Task[Any, Any], job: ClaimedJob, context: JobContext, cancel_scope: anyio.CancelScope
+) -> Outcome | None:
     """Run `job` with `task`'s handler and return how the attempt ended.
 
-    The handler's exceptions never escape; cancellation of the caller does
-    (use `interrupted` for the outcome then).
+    `cancel_scope` is cancelled when someone cancels the running job. Returns
+    None when there is nothing left to write: the handler completed the job in
+    its own transaction, or lost it. The handler's exceptions never escape;
+    cancellation of the caller does (use `interrupted` for the outcome then).
     """
     try:
         kwargs = task.decode_args(job.args)
@@ -67,15 +73,21 @@ async def execute(task: Task[Any, Any], job: ClaimedJob) -> Outcome:
     started = time.monotonic()
     logger.debug("job %s started", job.id, extra=_context(job, event="job.started"))
     error: Exception | None = None
+    enter(context)
     try:
-        with anyio.move_on_after(task.timeout) as scope:
+        with cancel_scope, anyio.move_on_after(task.timeout) as timeout_scope:
             await task.fn(**kwargs)
     except Exception as ex:  # noqa: BLE001 (a handler's failure is an outcome, not a crash)
         error = ex
     else:
-        if scope.cancelled_caught:
+        if timeout_scope.cancelled_caught:
             error = JobTimeoutError(f"attempt exceeded the task's timeout of {task.timeout} s")
     duration = time.monotonic() - started
+    if context.completed:
+        return None
+    if cancel_scope.cancelled_caught:
+        logger.info("job %s cancelled", job.id, extra=_context(job, event="job.cancelled"))
+        return Outcome(job.id, job.attempt, JobState.CANCELLED)
     if error is None:
         logger.debug(
             "job %s completed",
@@ -86,18 +98,41 @@ async def execute(task: Task[Any, Any], job: ClaimedJob) -> Outcome:
     return _failure(task, job, error, duration)
 
 
-def _failure(task: Task[Any, Any], job: ClaimedJob, error: Exception, duration: float) -> Outcome:
-    """The outcome of an attempt that raised `error`: retry later, or fail for good."""
+def _failure(
+    task: Task[Any, Any], job: ClaimedJob, error: Exception, duration: float
+) -> Outcome | None:
+    """The outcome of an attempt that raised `error` (or a signal)."""
+    if isinstance(error, JobLostError):
+        logger.warning(
+            "job %s was lost to a rescue or cancellation; its transaction rolled back",
+            job.id,
+            extra=_context(job, event="job.lost", duration=duration),
+        )
+        return None
+    if isinstance(error, Snooze):
+        logger.info(
+            "job %s snoozed for %.1f s",
+            job.id,
+            error.after,
+            extra=_context(job, event="job.snoozed", delay=error.after),
+        )
+        return Outcome(job.id, job.attempt, JobState.SCHEDULED, delay=error.after, extra_attempts=1)
     # The job's own max_attempts decides: a producer may have set it (TaskRef).
-    if job.attempt < job.max_attempts and task.retry.retries(error):
+    attempts_left = job.attempt < job.max_attempts
+    if isinstance(error, Retry):
+        retry = attempts_left
+        delay = error.after if error.after is not None else task.retry.interval(job.attempt)
+    else:
+        retry = attempts_left and not isinstance(error, Discard) and task.retry.retries(error)
         delay = task.retry.interval(job.attempt)
+    if retry:
         logger.warning(
             "job %s attempt %s failed, retrying in %.1f s: %s",
             job.id,
             job.attempt,
             delay,
             type(error).__name__,
-            exc_info=error,
+            exc_info=not isinstance(error, JobSignal) and error,
             extra=_context(job, event="job.retrying", duration=duration, delay=delay),
         )
         return Outcome(
@@ -108,7 +143,7 @@ def _failure(task: Task[Any, Any], job: ClaimedJob, error: Exception, duration: 
         job.id,
         job.attempt,
         type(error).__name__,
-        exc_info=error,
+        exc_info=not isinstance(error, JobSignal) and error,
         extra=_context(job, event="job.failed", duration=duration),
     )
     return Outcome(job.id, job.attempt, JobState.FAILED, error=_error(job, error))

@@ -14,6 +14,7 @@ from anyio.abc import TaskStatus
 from .. import _store
 from .._backoff import Backoff
 from .._connection import Connection
+from .._queue import CANCEL_PAYLOAD
 from ._link import CONNECTION_KWARGS
 from ._wakeup import Wakeup
 
@@ -29,7 +30,8 @@ PROBE_TIMEOUT: Final = 10.0
 
 
 class Listener:
-    """LISTENs on the schema's channel and sets `wakeup` for notifications of our queues.
+    """LISTENs on the schema's channel and sets `wakeup` for notifications of our queues
+    (and `cancel_hint` for cancel requests).
 
     If LISTEN cannot be set up, or the connection dies, it logs one warning,
     leaves the producer to poll, and retries with backoff; after every
@@ -45,12 +47,14 @@ class Listener:
         queues: Collection[str],
         wakeup: Wakeup,
         *,
+        cancel_hint: Wakeup,
         probe_interval: float = DEFAULT_PROBE_INTERVAL,
     ) -> None:
         self._conninfo = conninfo
         self._channel = channel
         self._queues = frozenset(queues)
         self._wakeup = wakeup
+        self._cancel_hint = cancel_hint
         self._probe_interval = probe_interval
         self._scope: anyio.CancelScope | None = None
         self._listening = False
@@ -118,5 +122,7 @@ class Listener:
                 async for notify in notifies:
                     if notify.payload in self._queues:
                         self._wakeup.set()
+                    elif notify.payload == CANCEL_PAYLOAD:
+                        self._cancel_hint.set()
             with anyio.fail_after(PROBE_TIMEOUT):
                 await conn.execute("SELECT 1")

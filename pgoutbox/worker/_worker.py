@@ -7,7 +7,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 import anyio
@@ -15,18 +15,29 @@ import msgspec
 import psycopg
 
 from .. import _store
+from .._connection import Connection
+from .._context import JobContext
 from .._job import ClaimedJob
 from .._queue import Queue
 from .._task import Task, validate_name
 from ..errors import ConfigurationError
 from ._completer import Completer
 from ._executor import execute, interrupted
+from ._heartbeat import (
+    DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_HEARTBEAT_TIMEOUT,
+    DEFAULT_MAINTENANCE_INTERVAL,
+    Heartbeat,
+)
 from ._link import Link
 from ._listener import DEFAULT_PROBE_INTERVAL, Listener
 from ._wakeup import Wakeup
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
+    "DEFAULT_HEARTBEAT_INTERVAL",
+    "DEFAULT_HEARTBEAT_TIMEOUT",
+    "DEFAULT_MAINTENANCE_INTERVAL",
     "DEFAULT_POLL_INTERVAL",
     "DEFAULT_SHUTDOWN_TIMEOUT",
     "Worker",
@@ -61,6 +72,7 @@ class WorkerStatistics(msgspec.Struct, frozen=True, kw_only=True):
         claimed: jobs claimed since start.
         fetches: fetch statements run since start.
         listening: whether its LISTEN is in place now.
+        rescued: jobs it rescued from workers whose heartbeat expired.
         fetch_connection_pids: backend pid of each fetch/ack connection it opened.
         listen_connection_pids: backend pid of each LISTEN connection it opened.
     """
@@ -71,6 +83,7 @@ class WorkerStatistics(msgspec.Struct, frozen=True, kw_only=True):
     claimed: int
     fetches: int
     listening: bool
+    rescued: int
     fetch_connection_pids: tuple[int, ...]
     listen_connection_pids: tuple[int, ...]
 
@@ -117,6 +130,13 @@ class Worker:
             cancelled and returned to the queue.
         probe_interval: seconds between checks that the LISTEN connection
             still answers.
+        heartbeat_interval: seconds between heartbeats (and checks for
+            cancel requests when no NOTIFY arrives).
+        heartbeat_timeout: seconds without a heartbeat after which other
+            workers deem this one dead and retry its jobs. Keep it well above
+            the longest time the event loop may be blocked.
+        maintenance_interval: seconds between attempts to rescue dead workers'
+            jobs (one worker at a time does it).
 
     A worker holds two connections: one for fetching and acknowledging, one
     for LISTEN. It claims only the tasks registered on `queue`, so during a
@@ -132,6 +152,9 @@ class Worker:
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
         probe_interval: float = DEFAULT_PROBE_INTERVAL,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+        heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
+        maintenance_interval: float = DEFAULT_MAINTENANCE_INTERVAL,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigurationError(f"concurrency must be an integer >= 1, got {concurrency!r}")
@@ -139,9 +162,16 @@ class Worker:
             ("poll_interval", poll_interval),
             ("shutdown_timeout", shutdown_timeout),
             ("probe_interval", probe_interval),
+            ("heartbeat_interval", heartbeat_interval),
+            ("maintenance_interval", maintenance_interval),
         ):
             if not value > 0:
                 raise ConfigurationError(f"{option} must be > 0 seconds, got {value!r}")
+        if not heartbeat_timeout >= 3 * heartbeat_interval:
+            raise ConfigurationError(
+                f"heartbeat_timeout ({heartbeat_timeout!r} s) must be at least three "
+                f"heartbeat intervals ({heartbeat_interval!r} s)"
+            )
         if not queue.tasks:
             raise ConfigurationError(f"{queue!r} has no registered tasks: nothing to run")
         self.queue = queue
@@ -155,19 +185,34 @@ class Worker:
             raise ConfigurationError("queues must name at least one queue")
         self.poll_interval = poll_interval
         self.shutdown_timeout = shutdown_timeout
+        self.heartbeat_timeout = heartbeat_timeout
         self.id = str(uuid.uuid4())
         self._tasks: dict[str, Task[Any, Any]] = dict(queue.tasks)
         self._slots = _Slots(concurrency)
         self._wakeup = Wakeup()
+        self._cancel_hint = Wakeup()
+        # By (job id, attempt): after a rescue one worker may run two attempts.
+        self._cancel_scopes: dict[tuple[int, int], anyio.CancelScope] = {}
         self._listener = Listener(
             queue.conninfo,
             queue.channel,
             self.queues,
             self._wakeup,
+            cancel_hint=self._cancel_hint,
             probe_interval=probe_interval,
         )
         self._link = Link(queue.conninfo, on_failure=self._listener.reset)
         self._completer = Completer(self._link, queue.statements, buffer=concurrency)
+        self._heartbeat = Heartbeat(
+            self._link,
+            queue,
+            self.id,
+            register=self._register,
+            on_cancel=self._cancel_running,
+            cancel_hint=self._cancel_hint,
+            interval=heartbeat_interval,
+            maintenance_interval=maintenance_interval,
+        )
         self._producer_scope: anyio.CancelScope | None = None
         self._stopping = False
         self._started = False
@@ -184,6 +229,7 @@ class Worker:
             claimed=self._claimed,
             fetches=self._fetches,
             listening=self._listener.listening,
+            rescued=self._heartbeat.rescued,
             fetch_connection_pids=tuple(self._link.pids),
             listen_connection_pids=tuple(self._listener.pids),
         )
@@ -228,6 +274,7 @@ class Worker:
             )
             async with anyio.create_task_group() as services:
                 await services.start(self._listener.run)
+                await services.start(self._heartbeat.run)
                 async with anyio.create_task_group() as acks:
                     await acks.start(self._completer.run)
                     async with self._completer.sender, anyio.create_task_group() as jobs:
@@ -245,6 +292,10 @@ class Worker:
     async def _start(self) -> None:
         conn = await self._link.get()
         await self.queue.check_schema(conn)
+        await self._register(conn)
+        self._registered = True
+
+    async def _register(self, conn: Connection[Any]) -> None:
         await _store.worker_register(
             conn,
             self.queue.statements,
@@ -254,8 +305,20 @@ class Worker:
             queues=self.queues,
             tasks=sorted(self._tasks),
             concurrency=self.concurrency,
+            heartbeat_timeout=self.heartbeat_timeout,
         )
-        self._registered = True
+
+    def _cancel_running(self, job_ids: Iterable[int]) -> None:
+        """Cancel the handlers of these jobs, if they run here."""
+        wanted = set(job_ids)
+        for (job_id, _attempt), scope in self._cancel_scopes.items():
+            if job_id in wanted and not scope.cancel_called:
+                logger.info(
+                    "cancelling job %s on request",
+                    job_id,
+                    extra={"event": "job.cancelling", "job_id": job_id, "worker_id": self.id},
+                )
+                scope.cancel()
 
     async def _produce(self, jobs: anyio.abc.TaskGroup) -> None:
         """Claim jobs into free slots: at once while fetches come back full, else on
@@ -295,18 +358,24 @@ class Worker:
                 jobs.start_soon(self._run_job, job, name=f"pgoutbox job {job.id}")
 
     async def _run_job(self, job: ClaimedJob) -> None:
+        key = (job.id, job.attempt)
+        scope = self._cancel_scopes[key] = anyio.CancelScope()
         try:
             try:
-                outcome = await execute(self._tasks[job.task], job)
+                outcome = await execute(
+                    self._tasks[job.task], job, JobContext(self.queue, job), scope
+                )
             except anyio.get_cancelled_exc_class():
                 # Best effort: if the outcome cannot be queued, unregistering
                 # the worker at cleanup returns the job to the queue all the same.
                 with contextlib.suppress(anyio.WouldBlock, anyio.BrokenResourceError):
                     self._completer.sender.send_nowait(interrupted(job))
                 raise
-            with anyio.move_on_after(CLEANUP_TIMEOUT, shield=True):
-                await self._completer.sender.send(outcome)
+            if outcome is not None:
+                with anyio.move_on_after(CLEANUP_TIMEOUT, shield=True):
+                    await self._completer.sender.send(outcome)
         finally:
+            del self._cancel_scopes[key]
             self._slots.release()
 
     async def _drain(self, jobs: anyio.abc.TaskGroup) -> None:

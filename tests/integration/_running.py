@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import anyio
@@ -66,3 +67,41 @@ async def count_jobs(queue: pgoutbox.Queue, where: str = "true") -> int:
         row = await cur.fetchone()
     assert row is not None
     return int(row[0])
+
+
+class LogWatcher(logging.Handler):
+    """Collects pgoutbox log records and lets a test wait for an event name."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self._changed = anyio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def events(self) -> list[str]:
+        return [getattr(r, "event", "") for r in self.records]
+
+    async def wait_for_event(self, event: str, timeout: float = WAIT_TIMEOUT) -> None:  # noqa: ASYNC109
+        """Wait until a record with this `event` was logged (fails after `timeout` s)."""
+        with anyio.fail_after(timeout):
+            while event not in self.events():
+                await self._changed.wait()
+
+
+@contextmanager
+def watching_logs(name: str = "pgoutbox") -> Iterator[LogWatcher]:
+    """Attach a `LogWatcher` to logger `name` for the block."""
+    watcher = LogWatcher()
+    logger = logging.getLogger(name)
+    old_level = logger.level
+    logger.addHandler(watcher)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield watcher
+    finally:
+        logger.removeHandler(watcher)
+        logger.setLevel(old_level)

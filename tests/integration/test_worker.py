@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -17,7 +16,7 @@ import pgoutbox
 from pgoutbox import JobState, Queue, RetryPolicy, Worker
 from pgoutbox.worker import _listener
 
-from ._running import WAIT_TIMEOUT, Recorder, count_jobs, running
+from ._running import WAIT_TIMEOUT, Recorder, count_jobs, running, watching_logs
 
 pytestmark = pytest.mark.anyio
 
@@ -135,10 +134,7 @@ async def test_worker_uses_one_persistent_fetch_connection(
 
 
 async def test_worker_polls_when_listen_fails(
-    queue: Queue,
-    conn: pgoutbox.Connection[Any],
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+    queue: Queue, conn: pgoutbox.Connection[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def refuse(conn: object, channel: str) -> None:
         raise psycopg.OperationalError("LISTEN refused (simulated)")
@@ -151,15 +147,14 @@ async def test_worker_polls_when_listen_fails(
         seen.record(i)
 
     worker = Worker(queue, poll_interval=0.1)
-    with caplog.at_level(logging.WARNING, logger="pgoutbox.listener"):
+    with watching_logs() as logs:
         async with running(worker):
             for i in range(3):
                 async with conn.transaction():
                     await queue.enqueue(conn, work, i)
                 await seen.wait_for(i + 1)
             assert not worker.statistics().listening
-    unavailable = [r for r in caplog.records if getattr(r, "event", "") == "listener.unavailable"]
-    assert len(unavailable) == 1
+    assert logs.events().count("listener.unavailable") == 1
 
 
 async def _terminate(admin: pgoutbox.Connection[Any], pids: list[int]) -> None:

@@ -1,0 +1,122 @@
+"""The heartbeat: proves the worker alive, relays cancel requests, rescues dead workers' jobs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Final
+
+import anyio
+import psycopg
+from anyio.abc import TaskStatus
+
+from .. import _store
+from .._connection import Connection
+from .._queue import Queue
+from ._link import Link
+from ._wakeup import Wakeup
+
+__all__ = [
+    "DEFAULT_HEARTBEAT_INTERVAL",
+    "DEFAULT_HEARTBEAT_TIMEOUT",
+    "DEFAULT_MAINTENANCE_INTERVAL",
+    "Heartbeat",
+]
+
+logger = logging.getLogger("pgoutbox.worker")
+
+DEFAULT_HEARTBEAT_INTERVAL: Final = 1.0
+"""Seconds between heartbeats; also how often running jobs are checked for cancel requests."""
+
+DEFAULT_HEARTBEAT_TIMEOUT: Final = 30.0
+"""Seconds without a heartbeat after which a worker is deemed dead and its jobs are rescued."""
+
+DEFAULT_MAINTENANCE_INTERVAL: Final = 5.0
+"""Seconds between attempts to run maintenance (only one worker at a time succeeds)."""
+
+STATEMENT_TIMEOUT: Final = 10.0
+"""Seconds a heartbeat or maintenance statement may take before the connection is dropped."""
+
+
+class Heartbeat:
+    """Beats on its own task, so busy handlers cannot delay it.
+
+    Each beat refreshes the worker's row and fetches which of its running jobs
+    were asked to be cancelled (a NOTIFY sets `cancel_hint` to beat at once).
+    If the row is gone, the worker was declared dead and its jobs rescued: it
+    says so and registers again. Every `maintenance_interval` it tries the
+    maintenance lock; whoever holds it removes workers whose heartbeat expired
+    and retries the jobs they held.
+    """
+
+    def __init__(
+        self,
+        link: Link,
+        queue: Queue,
+        worker_id: str,
+        *,
+        register: Callable[[Connection[Any]], Awaitable[None]],
+        on_cancel: Callable[[Iterable[int]], None],
+        cancel_hint: Wakeup,
+        interval: float,
+        maintenance_interval: float,
+    ) -> None:
+        self._link = link
+        self._queue = queue
+        self._worker_id = worker_id
+        self._register = register
+        self._on_cancel = on_cancel
+        self._cancel_hint = cancel_hint
+        self._interval = interval
+        self._maintenance_interval = maintenance_interval
+        self.rescued = 0
+        """Jobs this worker rescued from dead workers since it started."""
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Beat until cancelled."""
+        task_status.started()
+        next_maintenance = anyio.current_time()
+        while True:
+            await self._cancel_hint.wait(self._interval)
+            conn = await self._link.get()
+            try:
+                with anyio.fail_after(STATEMENT_TIMEOUT):
+                    await self._beat(conn)
+                    if anyio.current_time() >= next_maintenance:
+                        next_maintenance = anyio.current_time() + self._maintenance_interval
+                        await self._maintain(conn)
+            except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as ex:
+                await self._link.failed(conn, ex)
+
+    async def _beat(self, conn: Connection[Any]) -> None:
+        st = self._queue.statements
+        alive, to_cancel = await _store.worker_heartbeat(conn, st, worker_id=self._worker_id)
+        if not alive:
+            await self._register(conn)
+            logger.warning(
+                "this worker had been declared dead (heartbeat expired): its running jobs "
+                "were rescued and their outcomes will not be written; registered again",
+                extra={"event": "worker.declared_dead", "worker_id": self._worker_id},
+            )
+        if to_cancel:
+            self._on_cancel(to_cancel)
+
+    async def _maintain(self, conn: Connection[Any]) -> None:
+        # The worker's connection is shared by several tasks: never open a
+        # transaction on it (another task's statement would join it).
+        workers, jobs = await _store.worker_rescue_expired(
+            conn, self._queue.statements, schema=self._queue.schema
+        )
+        if workers or jobs:
+            self.rescued += jobs
+            logger.warning(
+                "rescued %d jobs of %d workers whose heartbeat expired",
+                jobs,
+                workers,
+                extra={
+                    "event": "worker.rescued",
+                    "worker_id": self._worker_id,
+                    "workers": workers,
+                    "jobs": jobs,
+                },
+            )

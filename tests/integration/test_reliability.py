@@ -1,0 +1,328 @@
+"""Signals, cancellation, heartbeats, rescue, fencing and exactly-once completion."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+from psycopg import sql
+
+import pgoutbox
+from pgoutbox import Discard, JobState, Queue, Retry, RetryPolicy, Snooze, Worker, current_job
+from pgoutbox.worker import _listener
+
+from ._running import WAIT_TIMEOUT, Recorder, count_jobs, running, watching_logs
+
+pytestmark = pytest.mark.anyio
+
+FAST = {"poll_interval": 0.05, "heartbeat_interval": 0.1, "maintenance_interval": 0.1}
+"""Worker options that make every loop quick, for tests that wait on them."""
+
+
+async def _job(queue: Queue, job_id: int) -> pgoutbox.JobRecord:
+    record = await queue.get_job(job_id)
+    assert record is not None
+    return record
+
+
+async def _execute(queue: Queue, statement: str, *params: object) -> None:
+    async with queue.connection() as conn:
+        await conn.execute(
+            sql.SQL(statement).format(schema=sql.Identifier(queue.schema)), list(params)
+        )
+
+
+async def test_signal_retry_after_and_discard(queue: Queue, conn: pgoutbox.Connection[Any]) -> None:
+    seen = Recorder()
+
+    @queue.task(retry=RetryPolicy(max_attempts=5, retry_on=()))
+    async def picky(mode: str) -> None:
+        seen.record(mode)
+        if mode == "retry" and current_job().attempt == 1:
+            raise Retry(after=0.01, reason="upstream busy")
+        if mode == "discard":
+            raise Discard("order was deleted")
+
+    async with running(Worker(queue, **FAST)):
+        async with conn.transaction():
+            retried = await queue.enqueue(conn, picky, "retry")
+            discarded = await queue.enqueue(conn, picky, "discard")
+        await seen.wait_for(3)
+    r = await _job(queue, retried.id)
+    assert (r.state, r.attempt, r.errors[0].message) == (JobState.COMPLETED, 2, "upstream busy")
+    d = await _job(queue, discarded.id)
+    assert (d.state, d.attempt, d.errors[0].type) == (
+        JobState.FAILED,
+        1,
+        "pgoutbox.signals.Discard",
+    )
+
+
+async def test_signal_snooze_does_not_spend_an_attempt(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    seen = Recorder()
+
+    @queue.task(retry=RetryPolicy(max_attempts=1))
+    async def wait_for_stock(sku: str) -> None:
+        seen.record(current_job().attempt)
+        if len(seen.calls) < 3:
+            raise Snooze(0.01)
+
+    async with running(Worker(queue, **FAST)):
+        async with conn.transaction():
+            job = await queue.enqueue(conn, wait_for_stock, "a-1")
+        await seen.wait_for(3)
+    record = await _job(queue, job.id)
+    assert record.state is JobState.COMPLETED
+    assert record.max_attempts - record.attempt == 1 - 1  # every snooze gave its attempt back
+    assert record.errors == ()
+
+
+async def test_cancel_waiting_job(queue: Queue, conn: pgoutbox.Connection[Any]) -> None:
+    @queue.task
+    async def never(i: int) -> None: ...
+
+    async with conn.transaction():
+        job = await queue.enqueue(conn, never.options(delay=3600), 1)
+    async with conn.transaction():
+        result = await queue.cancel(conn, job.id, 999_999)
+    assert result == pgoutbox.CancelResult(cancelled=(job.id,), requested=())
+    record = await _job(queue, job.id)
+    assert record.state is JobState.CANCELLED
+    assert record.finished_at is not None
+
+
+@pytest.mark.parametrize("listen", [True, False], ids=["notify", "heartbeat"])
+async def test_cancel_running_job_cancels_its_handler(
+    queue: Queue, conn: pgoutbox.Connection[Any], monkeypatch: pytest.MonkeyPatch, listen: bool
+) -> None:
+    if not listen:
+
+        async def refuse(conn: object, channel: str) -> None:
+            raise psycopg.OperationalError("LISTEN refused (simulated)")
+
+        monkeypatch.setattr(_listener._store, "listen", refuse)
+    started = Recorder()
+    stopped = Recorder()
+
+    @queue.task
+    async def long_report(i: int) -> None:
+        started.record(i)
+        try:
+            await anyio.sleep(WAIT_TIMEOUT * 10)
+        finally:
+            stopped.record(i)
+
+    async with running(Worker(queue, **FAST)):
+        async with conn.transaction():
+            job = await queue.enqueue(conn, long_report, 1)
+        await started.wait_for(1)
+        async with conn.transaction():
+            result = await queue.cancel(conn, job.id)
+        assert result.requested == (job.id,)
+        await stopped.wait_for(1)
+    record = await _job(queue, job.id)
+    assert record.state is JobState.CANCELLED
+
+
+async def test_rescue_retries_jobs_of_a_dead_worker(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    seen = Recorder()
+
+    @queue.task
+    async def work(i: int) -> None:
+        seen.record(current_job().attempt)
+
+    async with conn.transaction():
+        job = await queue.enqueue(conn, work, 1)
+    dead = str(uuid.uuid4())
+    await _execute(
+        queue,
+        "INSERT INTO {schema}.workers (id, hostname, pid, queues, tasks, concurrency, "
+        "heartbeat_at, heartbeat_timeout) VALUES (%s, 'gone', 1, '{{default}}', '{{}}', 1, "
+        "now() - interval '1 hour', 30)",
+        dead,
+    )
+    await _execute(
+        queue,
+        "UPDATE {schema}.jobs SET state = 'running', attempt = 1, worker_id = %s WHERE id = %s",
+        dead,
+        job.id,
+    )
+    worker = Worker(queue, **FAST)
+    async with running(worker):
+        assert await seen.wait_for(1) == [2]
+    record = await _job(queue, job.id)
+    assert (record.state, record.attempt) == (JobState.COMPLETED, 2)
+    assert record.errors[0].type == "pgoutbox.WorkerLost"
+    assert worker.statistics().rescued == 1
+    assert await count_jobs(queue, "worker_id IS NOT NULL") == 0
+
+
+async def test_rescue_of_last_attempt_fails_the_job(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    @queue.task(retry=RetryPolicy(max_attempts=1))
+    async def once(i: int) -> None: ...
+
+    async with conn.transaction():
+        job = await queue.enqueue(conn, once, 1)
+    await _execute(
+        queue,
+        "UPDATE {schema}.jobs SET state = 'running', attempt = 1, worker_id = %s WHERE id = %s",
+        str(uuid.uuid4()),  # a worker with no row at all
+        job.id,
+    )
+    with watching_logs() as logs:
+        async with running(Worker(queue, **FAST)):
+            await logs.wait_for_event("worker.rescued")
+    assert (await _job(queue, job.id)).state is JobState.FAILED
+
+
+async def test_fencing_stale_outcome_is_refused_and_logged(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    started = Recorder()
+    release = anyio.Event()
+
+    @queue.task
+    async def slow(i: int) -> None:
+        started.record(current_job().attempt)
+        if current_job().attempt == 1:
+            await release.wait()
+
+    worker = Worker(queue, **FAST)
+    with watching_logs() as logs:
+        async with running(worker):
+            async with conn.transaction():
+                job = await queue.enqueue(conn, slow, 1)
+            await started.wait_for(1)
+            # A rescuer takes the job from under attempt 1 ...
+            await _execute(
+                queue,
+                "UPDATE {schema}.jobs SET state = 'retryable', worker_id = NULL WHERE id = %s",
+                job.id,
+            )
+            await started.wait_for(2)  # ... attempt 2 runs and completes ...
+            release.set()  # ... then attempt 1 finishes late and must not win.
+            await logs.wait_for_event("job.outcome_fenced")
+    record = await _job(queue, job.id)
+    assert (record.state, record.attempt) == (JobState.COMPLETED, 2)
+
+
+async def _effects(queue: Queue) -> list[int]:
+    async with queue.connection() as c:
+        cur = await c.execute(
+            sql.SQL("SELECT job_id FROM {}.effects ORDER BY job_id").format(
+                sql.Identifier(queue.schema)
+            )
+        )
+        return [r[0] for r in await cur.fetchall()]
+
+
+async def test_exactly_once_transaction_commits_effect_with_completion(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    await _execute(queue, "CREATE TABLE {schema}.effects (job_id bigint)")
+    seen = Recorder()
+
+    @queue.task
+    async def charge(order_id: int) -> None:
+        job = current_job()
+        async with job.transaction() as tx:
+            await tx.execute(
+                sql.SQL("INSERT INTO {}.effects VALUES (%s)").format(sql.Identifier(queue.schema)),
+                [job.id],
+            )
+        seen.record(job.completed)
+
+    async with running(Worker(queue, **FAST)):
+        async with conn.transaction():
+            job = await queue.enqueue(conn, charge, 7)
+        assert await seen.wait_for(1) == [True]
+    assert await _effects(queue) == [job.id]
+    assert (await _job(queue, job.id)).state is JobState.COMPLETED
+
+
+async def test_exactly_once_transaction_refused_after_rescue(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    await _execute(queue, "CREATE TABLE {schema}.effects (job_id bigint, attempt int)")
+    inside = Recorder()
+    outcomes = Recorder()
+    release = anyio.Event()
+
+    @queue.task
+    async def charge(order_id: int) -> None:
+        job = current_job()
+        try:
+            async with job.transaction() as tx:
+                await tx.execute(
+                    sql.SQL("INSERT INTO {}.effects VALUES (%s, %s)").format(
+                        sql.Identifier(queue.schema)
+                    ),
+                    [job.id, job.attempt],
+                )
+                inside.record(job.attempt)
+                if job.attempt == 1:
+                    await release.wait()
+        except pgoutbox.JobLostError:
+            outcomes.record(("lost", job.attempt))
+            raise
+        outcomes.record(("committed", job.attempt))
+
+    async with running(Worker(queue, **FAST)):
+        async with conn.transaction():
+            job = await queue.enqueue(conn, charge, 7)
+        await inside.wait_for(1)
+        await _execute(
+            queue,
+            "UPDATE {schema}.jobs SET state = 'retryable', worker_id = NULL WHERE id = %s",
+            job.id,
+        )
+        await outcomes.wait_for(1)
+        release.set()
+        await outcomes.wait_for(2)
+    assert outcomes.calls == [("committed", 2), ("lost", 1)]
+    async with queue.connection() as c:
+        cur = await c.execute(
+            sql.SQL("SELECT attempt FROM {}.effects").format(sql.Identifier(queue.schema))
+        )
+        assert await cur.fetchall() == [(2,)]
+    assert (await _job(queue, job.id)).state is JobState.COMPLETED
+
+
+async def test_heartbeat_reregisters_a_worker_declared_dead(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    @queue.task
+    async def work(i: int) -> None: ...
+
+    worker = Worker(queue, **FAST)
+    with watching_logs() as logs:
+        async with running(worker):
+            with anyio.fail_after(WAIT_TIMEOUT):
+                await worker.wait_listening()  # registered before it listens
+            await _execute(queue, "DELETE FROM {schema}.workers")
+            await logs.wait_for_event("worker.declared_dead")
+            async with queue.connection() as c:
+                cur = await c.execute(
+                    sql.SQL("SELECT count(*) FROM {}.workers WHERE id = %s").format(
+                        sql.Identifier(queue.schema)
+                    ),
+                    [worker.id],
+                )
+                assert await cur.fetchone() == (1,)
+
+
+async def test_worker_heartbeat_timeout_must_exceed_interval(queue: Queue) -> None:
+    @queue.task
+    async def work(i: int) -> None: ...
+
+    with pytest.raises(pgoutbox.ConfigurationError, match="heartbeat_timeout"):
+        Worker(queue, heartbeat_interval=5, heartbeat_timeout=10)
