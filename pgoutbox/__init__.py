@@ -8,10 +8,17 @@ connection inside your own transaction with `Queue.enqueue`, and run them with
 from . import signals
 from ._connection import Connection, connect
 from ._context import JobContext, current_job
-from ._job import CancelResult, Job, JobError, JobRecord, JobState
+from ._job import CancelResult, Job, JobError, JobRecord, JobSpec, JobState
 from ._pool import Pool
-from ._queue import DEFAULT_SCHEMA, DSN_ENV, ConnectionSource, Queue, TaskRef
-from ._task import DEFAULT_MAX_ATTEMPTS, DEFAULT_PRIORITY, DEFAULT_QUEUE, RetryPolicy, Task
+from ._queue import DEFAULT_SCHEMA, DSN_ENV, ConnectionSource, Queue
+from ._task import (
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_PRIORITY,
+    DEFAULT_QUEUE,
+    RetryPolicy,
+    Task,
+    TaskRef,
+)
 from .errors import (
     ConfigurationError,
     IncompatiblePsycopgError,
@@ -43,6 +50,7 @@ __all__ = [
     "JobLostError",
     "JobRecord",
     "JobSignal",
+    "JobSpec",
     "JobState",
     "NoCurrentJobError",
     "PayloadError",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 
 import msgspec
@@ -13,6 +13,7 @@ __all__ = [
     "Job",
     "JobError",
     "JobRecord",
+    "JobSpec",
     "JobState",
     "Outcome",
 ]
@@ -151,3 +152,32 @@ class CancelResult(msgspec.Struct, frozen=True, kw_only=True):
 
     cancelled: tuple[int, ...]
     requested: tuple[int, ...]
+
+
+class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A job ready to be enqueued: a task, its encoded arguments and options.
+
+    Made by `Task.bind` or `TaskRef.bind` (which validate the arguments) and
+    written by `Queue.enqueue_many`.
+
+    Attributes:
+        task: the task name.
+        queue: the queue it will wait in.
+        priority: higher runs first.
+        max_attempts: attempts in all.
+        args: the arguments, encoded as JSON.
+        delay: seconds from now before it may run.
+        run_at: an aware datetime before which it does not run.
+    """
+
+    task: str
+    queue: str
+    priority: int
+    max_attempts: int
+    args: str
+    delay: float = 0.0
+    run_at: datetime | None = None
+
+    def due_now(self) -> bool:
+        """Whether the job may run at once (then enqueue sends a NOTIFY)."""
+        return self.delay <= 0 and (self.run_at is None or self.run_at <= datetime.now(UTC))

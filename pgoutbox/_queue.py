@@ -4,31 +4,27 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from datetime import UTC, datetime
 from typing import Any, Final, ParamSpec, Protocol, Self, TypeVar, overload
 
-import msgspec
 import psycopg
 
 from . import _store
 from ._connection import Connection
-from ._job import CancelResult, Job, JobRecord
+from ._job import CancelResult, Job, JobRecord, JobSpec
 from ._pool import Pool
 from ._sql import Statements, load_migrations, load_statements
 from ._task import (
-    DEFAULT_MAX_ATTEMPTS,
     DEFAULT_PRIORITY,
     DEFAULT_QUEUE,
     RetryPolicy,
     Task,
-    validate_name,
-    validate_priority,
+    TaskRef,
 )
 from .errors import ConfigurationError, PayloadError, SchemaError, TaskNotFoundError
 
-__all__ = ["CANCEL_PAYLOAD", "DEFAULT_SCHEMA", "DSN_ENV", "ConnectionSource", "Queue", "TaskRef"]
+__all__ = ["CANCEL_PAYLOAD", "DEFAULT_SCHEMA", "DSN_ENV", "ConnectionSource", "Queue"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -54,41 +50,6 @@ class ConnectionSource(Protocol):
     def connection(self) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
         """Borrow a connection for the duration of the block."""
         ...
-
-
-class TaskRef(msgspec.Struct, frozen=True, kw_only=True):
-    """A task known only by name, for producers that do not import its handler.
-
-    ``await queue.enqueue(conn, "billing.charge", order_id=7)`` uses the
-    defaults below; pass a `TaskRef` to choose the queue and the rest. Its
-    arguments are checked by the worker, not at enqueue.
-
-    Attributes:
-        name: the task name the worker registered.
-        queue: the queue the worker consumes for it.
-        priority: higher runs first.
-        max_attempts: attempts in all.
-        delay: seconds from now before the job may run.
-        run_at: an aware datetime before which the job does not run.
-    """
-
-    name: str
-    queue: str = DEFAULT_QUEUE
-    priority: int = DEFAULT_PRIORITY
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS
-    delay: float = 0.0
-    run_at: datetime | None = None
-
-    def __post_init__(self) -> None:
-        validate_name("task", self.name)
-        validate_name("queue", self.queue)
-        validate_priority(self.priority)
-        if isinstance(self.max_attempts, bool) or self.max_attempts < 1:
-            raise ConfigurationError(f"max_attempts must be >= 1, got {self.max_attempts!r}")
-        if isinstance(self.delay, bool) or not self.delay >= 0:
-            raise ConfigurationError(f"delay must be >= 0 seconds, got {self.delay!r}")
-        if self.run_at is not None and self.run_at.tzinfo is None:
-            raise ConfigurationError(f"run_at must be timezone-aware, got {self.run_at!r}")
 
 
 class Queue:
@@ -248,6 +209,7 @@ class Queue:
         Inside a transaction, the job and the notification exist only if that
         transaction commits; on an autocommit connection the single statement
         commits both at once. Enqueue never opens or commits a transaction.
+        A job delayed into the future sends no NOTIFY.
 
         Args:
             conn: the caller's psycopg async connection.
@@ -261,40 +223,52 @@ class Queue:
         Raises:
             PayloadError: the arguments do not fit the task; nothing is written.
         """
+        spec = self._bind(task, args, kwargs)
+        job_id, due = await _store.job_insert(
+            conn, self.statements, spec, channel=self.channel if spec.due_now() else None
+        )
+        return Job(id=job_id, task=spec.task, queue=spec.queue, run_at=due)
+
+    async def enqueue_many(
+        self, conn: psycopg.AsyncConnection[Any], specs: Iterable[JobSpec], /
+    ) -> list[Job]:
+        """Write many jobs in one statement, with one NOTIFY per queue that has a due job.
+
+        Make the specs with `Task.bind` (validated against the handler) or
+        `TaskRef.bind`; tasks and queues may be mixed. Like `enqueue`, this runs
+        on the caller's connection and never opens a transaction.
+
+        Returns:
+            The jobs, in the order of `specs`.
+        """
+        batch = list(specs)
+        if not batch:
+            return []
+        for spec in batch:
+            if not isinstance(spec, JobSpec):
+                raise ConfigurationError(
+                    f"enqueue_many takes JobSpec items (from Task.bind), got {spec!r}"
+                )
+        rows = await _store.job_insert_many(conn, self.statements, batch, channel=self.channel)
+        return [
+            Job(id=job_id, task=spec.task, queue=spec.queue, run_at=due)
+            for (job_id, due), spec in zip(rows, batch, strict=True)
+        ]
+
+    def _bind(
+        self, task: Task[Any, Any] | str | TaskRef, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> JobSpec:
+        """Validate and encode one call's arguments (a registered name uses its handler)."""
         if isinstance(task, str):
             registered = self._tasks.get(task)
             task = registered if registered is not None else TaskRef(name=task)
         if isinstance(task, Task):
-            payload = task.encode_args(args, kwargs)
-            name, queue, priority = task.name, task.queue, task.priority
-            max_attempts, delay, run_at = task.retry.max_attempts, task.delay, task.run_at
-        else:
-            if args:
-                raise PayloadError(
-                    task.name, "a task enqueued by name takes keyword arguments only"
-                )
-            try:
-                payload = msgspec.json.encode(kwargs).decode()
-            except (TypeError, msgspec.EncodeError) as ex:
-                raise PayloadError(
-                    task.name, f"cannot encode the arguments as JSON: {ex}"
-                ) from None
-            name, queue, priority = task.name, task.queue, task.priority
-            max_attempts, delay, run_at = task.max_attempts, task.delay, task.run_at
-        delayed = delay > 0 or (run_at is not None and run_at > datetime.now(UTC))
-        job_id, due = await _store.job_insert(
-            conn,
-            self.statements,
-            queue=queue,
-            task=name,
-            args=payload,
-            priority=priority,
-            max_attempts=max_attempts,
-            run_at=run_at,
-            delay=delay,
-            channel=None if delayed else self.channel,
-        )
-        return Job(id=job_id, task=name, queue=queue, run_at=due)
+            return task.bind(*args, **kwargs)
+        if not isinstance(task, TaskRef):
+            raise ConfigurationError(f"expected a Task, a task name or a TaskRef, got {task!r}")
+        if args:
+            raise PayloadError(task.name, "a task enqueued by name takes keyword arguments only")
+        return task.bind(**kwargs)
 
     async def cancel(self, conn: psycopg.AsyncConnection[Any], *job_ids: int) -> CancelResult:
         """Cancel jobs on the caller's connection (in its transaction, if any).

@@ -32,6 +32,7 @@ class Statements:
     migration_record: bytes
     job_insert: bytes
     job_insert_notify: bytes
+    job_insert_many: bytes
     job_get_available: bytes
     job_get_next_due: bytes
     job_set_outcome_many: bytes

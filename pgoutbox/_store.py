@@ -14,7 +14,7 @@ import msgspec
 import psycopg
 from psycopg import sql
 
-from ._job import ClaimedJob, JobError, JobRecord, JobState, Outcome
+from ._job import ClaimedJob, JobError, JobRecord, JobSpec, JobState, Outcome
 from ._sql import Statements, load_migrations
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "job_get_available",
     "job_get_next_due",
     "job_insert",
+    "job_insert_many",
     "job_request_cancel_running",
     "job_set_outcome_many",
     "listen",
@@ -75,17 +76,7 @@ async def migrate(conn: AnyConnection, st: Statements, schema: str) -> list[int]
 
 
 async def job_insert(
-    conn: AnyConnection,
-    st: Statements,
-    *,
-    queue: str,
-    task: str,
-    args: str,
-    priority: int,
-    max_attempts: int,
-    run_at: datetime | None,
-    delay: float,
-    channel: str | None,
+    conn: AnyConnection, st: Statements, spec: JobSpec, *, channel: str | None
 ) -> tuple[int, datetime]:
     """Insert one job in one statement; with a `channel`, NOTIFY it in the same statement.
 
@@ -93,22 +84,48 @@ async def job_insert(
     autocommit connection; in a transaction, both wait for its commit.
     """
     params: dict[str, Any] = {
-        "queue": queue,
-        "task": task,
-        "args": args,
-        "priority": priority,
-        "max_attempts": max_attempts,
+        "queue": spec.queue,
+        "task": spec.task,
+        "args": spec.args,
+        "priority": spec.priority,
+        "max_attempts": spec.max_attempts,
     }
     if channel is not None:
         params["channel"] = channel
         cur = await conn.execute(st.job_insert_notify, params)
     else:
-        params["run_at"] = run_at
-        params["delay"] = delay
+        params["run_at"] = spec.run_at
+        params["delay"] = spec.delay
         cur = await conn.execute(st.job_insert, params)
     row = await cur.fetchone()
     assert row is not None  # noqa: S101 (INSERT ... RETURNING always returns the row)
     return row[0], row[1]
+
+
+async def job_insert_many(
+    conn: AnyConnection, st: Statements, specs: Sequence[JobSpec], *, channel: str
+) -> list[tuple[int, datetime]]:
+    """Insert many jobs in one statement, NOTIFYing each queue that got a due job once.
+
+    Returns (id, run_at) per job, in the order of `specs`.
+    """
+    due = [spec.due_now() for spec in specs]
+    cur = await conn.execute(
+        st.job_insert_many,
+        {
+            "queues": [s.queue for s in specs],
+            "tasks": [s.task for s in specs],
+            "args": [s.args for s in specs],
+            "priorities": [s.priority for s in specs],
+            "states": ["available" if d else "scheduled" for d in due],
+            "max_attempts": [s.max_attempts for s in specs],
+            "run_ats": [s.run_at for s in specs],
+            "delays": [float(s.delay) for s in specs],
+            "channel": channel,
+            "notify_queues": sorted({s.queue for s, d in zip(specs, due, strict=True) if d}),
+        },
+    )
+    return [(row[0], row[1]) for row in await cur.fetchall()]
 
 
 async def job_get_available(

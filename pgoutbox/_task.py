@@ -11,6 +11,7 @@ from typing import Any, Final, Generic, ParamSpec, TypeVar, get_type_hints
 
 import msgspec
 
+from ._job import JobSpec
 from .errors import ConfigurationError, PayloadError
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "DEFAULT_QUEUE",
     "RetryPolicy",
     "Task",
+    "TaskRef",
     "validate_name",
     "validate_priority",
 ]
@@ -37,6 +39,8 @@ DEFAULT_MAX_ATTEMPTS: Final = 20
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:<>\-]{0,199}$")
 _PRIORITY_RANGE: Final = range(-32768, 32768)
+_MAX_INT32: Final = 2**31 - 1
+_MAX_DELAY: Final = 100 * 365 * 24 * 3600.0  # a century: past that it is a mistake
 
 
 def validate_name(kind: str, value: object) -> str:
@@ -82,8 +86,14 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
     retry_on: tuple[type[BaseException], ...] = (Exception,)
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_attempts, bool) or self.max_attempts < 1:
-            raise ConfigurationError(f"max_attempts must be >= 1, got {self.max_attempts!r}")
+        if (
+            isinstance(self.max_attempts, bool)
+            or not isinstance(self.max_attempts, int)
+            or not 1 <= self.max_attempts <= _MAX_INT32
+        ):
+            raise ConfigurationError(
+                f"max_attempts must be an integer from 1 to {_MAX_INT32}, got {self.max_attempts!r}"
+            )
         if self.initial_interval < 0 or self.max_interval < 0:
             raise ConfigurationError("initial_interval and max_interval must be >= 0 seconds")
         if self.multiplier < 1:
@@ -225,6 +235,22 @@ class Task(Generic[P, R]):
             args_type=self._args_type,
         )
 
+    def bind(self, *args: P.args, **kwargs: P.kwargs) -> JobSpec:
+        """Validate arguments for this task and make a `JobSpec` of them (for `enqueue_many`).
+
+        Raises:
+            PayloadError: an argument is missing, unexpected or of the wrong type.
+        """
+        return JobSpec(
+            task=self.name,
+            queue=self.queue,
+            priority=self.priority,
+            max_attempts=self.retry.max_attempts,
+            args=self.encode_args(args, kwargs),
+            delay=self.delay,
+            run_at=self.run_at,
+        )
+
     def encode_args(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
         """Validate call arguments against the handler's parameters and encode them as JSON.
 
@@ -252,3 +278,81 @@ class Task(Generic[P, R]):
         except msgspec.DecodeError as ex:
             raise PayloadError(self.name, str(ex)) from None
         return msgspec.structs.asdict(payload)
+
+
+class TaskRef(msgspec.Struct, frozen=True, kw_only=True):
+    """A task known only by name, for producers that do not import its handler.
+
+    ``await queue.enqueue(conn, "billing.charge", order_id=7)`` uses the
+    defaults below; pass a `TaskRef` to choose the queue and the rest. Its
+    arguments are checked by the worker, not at enqueue.
+
+    Attributes:
+        name: the task name the worker registered.
+        queue: the queue the worker consumes for it.
+        priority: higher runs first.
+        max_attempts: attempts in all.
+        delay: seconds from now before the job may run.
+        run_at: an aware datetime before which the job does not run.
+    """
+
+    name: str
+    queue: str = DEFAULT_QUEUE
+    priority: int = DEFAULT_PRIORITY
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    delay: float = 0.0
+    run_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        validate_name("task", self.name)
+        validate_name("queue", self.queue)
+        validate_priority(self.priority)
+        if (
+            isinstance(self.max_attempts, bool)
+            or not isinstance(self.max_attempts, int)
+            or not 1 <= self.max_attempts <= _MAX_INT32
+        ):
+            raise ConfigurationError(
+                f"max_attempts must be an integer from 1 to {_MAX_INT32}, got {self.max_attempts!r}"
+            )
+        _validate_delay(self.name, self.delay)
+        _validate_run_at(self.name, self.run_at)
+
+    def bind(self, **kwargs: Any) -> JobSpec:
+        """Encode keyword arguments as JSON and make a `JobSpec` (checked by the worker).
+
+        Raises:
+            PayloadError: the arguments cannot be encoded as JSON.
+        """
+        try:
+            payload = msgspec.json.encode(kwargs).decode()
+        except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as ex:
+            raise PayloadError(self.name, f"cannot encode the arguments as JSON: {ex}") from None
+        return JobSpec(
+            task=self.name,
+            queue=self.queue,
+            priority=self.priority,
+            max_attempts=self.max_attempts,
+            args=payload,
+            delay=self.delay,
+            run_at=self.run_at,
+        )
+
+
+def _validate_delay(task: str, delay: object) -> None:
+    if (
+        isinstance(delay, bool)
+        or not isinstance(delay, int | float)
+        or not 0 <= delay <= _MAX_DELAY
+    ):
+        raise ConfigurationError(
+            f"task {task!r}: delay must be a number of seconds from 0 to {_MAX_DELAY:.0f}, "
+            f"got {delay!r}"
+        )
+
+
+def _validate_run_at(task: str, run_at: object) -> None:
+    if run_at is not None and (not isinstance(run_at, datetime) or run_at.tzinfo is None):
+        raise ConfigurationError(
+            f"task {task!r}: run_at must be a timezone-aware datetime, got {run_at!r}"
+        )

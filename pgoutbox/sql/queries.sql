@@ -39,6 +39,23 @@ WITH job AS (
 )
 SELECT job.id, job.run_at, pg_notify(%(channel)s, %(queue)s) FROM job
 
+-- name: job_insert_many
+-- Rows come back in input order: identity values follow the unnest order.
+WITH jobs AS (
+    INSERT INTO {schema}.jobs (queue, task, args, priority, state, max_attempts, run_at)
+    SELECT u.queue, u.task, u.args::jsonb, u.priority, u.state::{schema}.job_state,
+           u.max_attempts, coalesce(u.run_at, now() + u.delay * interval '1 second')
+    FROM unnest(
+        %(queues)s::text[], %(tasks)s::text[], %(args)s::text[], %(priorities)s::smallint[],
+        %(states)s::text[], %(max_attempts)s::integer[], %(run_ats)s::timestamptz[],
+        %(delays)s::float8[]
+    ) AS u(queue, task, args, priority, state, max_attempts, run_at, delay)
+    RETURNING id, run_at
+), notified AS (
+    SELECT pg_notify(%(channel)s, q) FROM unnest(%(notify_queues)s::text[]) AS q
+)
+SELECT id, run_at, (SELECT count(*) FROM notified) FROM jobs ORDER BY id
+
 -- name: job_get_available
 -- One index scan per queue (a plain `queue = q.name` keeps jobs_fetch_idx in
 -- order; `queue = ANY(...)` would scan and sort every waiting row).

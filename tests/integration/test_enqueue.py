@@ -213,3 +213,48 @@ async def test_enqueue_on_stock_psycopg_connection_and_pool(
         await pool.close()
     assert first.id < second.id
     assert await count_jobs(queue) == 2
+
+
+async def test_enqueue_many_one_statement_one_notify_per_queue(
+    queue: Queue, conn: pgoutbox.Connection[Any], database_dsn: str
+) -> None:
+    @queue.task(queue="mail")
+    async def send(to: str) -> None: ...
+
+    @queue.task(queue="sms")
+    async def text(to: str) -> None: ...
+
+    specs = [send.bind(f"{i}@example.com") for i in range(500)]
+    specs += [text.bind("+4700000000"), send.options(delay=60).bind("later@example.com")]
+    specs.append(TaskRef(name="remote.task", queue="mail").bind(x=1))
+    listener = await _listen(database_dsn, queue.channel)
+    try:
+        async with conn.transaction():
+            jobs = await queue.enqueue_many(conn, specs)
+        assert sorted(await _notifications(listener, 0.3)) == ["mail", "sms"]
+    finally:
+        await listener.close()
+    assert [j.task for j in jobs] == [s.task for s in specs]
+    assert [j.id for j in jobs] == sorted(j.id for j in jobs)
+    assert await count_jobs(queue) == 503
+    assert await count_jobs(queue, "state = 'scheduled'") == 1
+    assert await queue.enqueue_many(conn, []) == []
+
+
+async def test_enqueue_many_rolls_back_with_the_transaction(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    @queue.task
+    async def send(to: str) -> None: ...
+
+    with pytest.raises(PayloadError, match="to"):
+        send.bind(to=7)  # type: ignore[arg-type]
+
+    async def enqueue_then_abort() -> None:
+        async with conn.transaction():
+            await queue.enqueue_many(conn, [send.bind("a"), send.bind("b")])
+            raise RuntimeError("abort")
+
+    with pytest.raises(RuntimeError, match="abort"):
+        await enqueue_then_abort()
+    assert await count_jobs(queue) == 0
