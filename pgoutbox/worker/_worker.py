@@ -24,6 +24,8 @@ from ..errors import ConfigurationError
 from ._completer import Completer
 from ._executor import execute, interrupted
 from ._heartbeat import (
+    DEFAULT_COMPLETED_RETENTION,
+    DEFAULT_FAILED_RETENTION,
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_HEARTBEAT_TIMEOUT,
     DEFAULT_MAINTENANCE_INTERVAL,
@@ -34,7 +36,9 @@ from ._listener import DEFAULT_PROBE_INTERVAL, Listener
 from ._wakeup import Wakeup
 
 __all__ = [
+    "DEFAULT_COMPLETED_RETENTION",
     "DEFAULT_CONCURRENCY",
+    "DEFAULT_FAILED_RETENTION",
     "DEFAULT_HEARTBEAT_INTERVAL",
     "DEFAULT_HEARTBEAT_TIMEOUT",
     "DEFAULT_MAINTENANCE_INTERVAL",
@@ -61,6 +65,9 @@ CLEANUP_TIMEOUT: Final = 10.0
 FETCH_TIMEOUT: Final = 30.0
 """Seconds a fetch may take before the connection is deemed dead."""
 
+FETCH_DEBOUNCE: Final = 0.005
+"""Seconds a busy worker with a backlog waits for more free slots, so one fetch fills several."""
+
 
 class WorkerStatistics(msgspec.Struct, frozen=True, kw_only=True):
     """A snapshot of a worker's counters, from `Worker.statistics`.
@@ -73,6 +80,7 @@ class WorkerStatistics(msgspec.Struct, frozen=True, kw_only=True):
         fetches: fetch statements run since start.
         listening: whether its LISTEN is in place now.
         rescued: jobs it rescued from workers whose heartbeat expired.
+        pruned: finished jobs it deleted past their retention.
         fetch_connection_pids: backend pid of each fetch/ack connection it opened.
         listen_connection_pids: backend pid of each LISTEN connection it opened.
     """
@@ -84,6 +92,7 @@ class WorkerStatistics(msgspec.Struct, frozen=True, kw_only=True):
     fetches: int
     listening: bool
     rescued: int
+    pruned: int
     fetch_connection_pids: tuple[int, ...]
     listen_connection_pids: tuple[int, ...]
 
@@ -108,8 +117,8 @@ class _Slots:
         self._changed.set()
         self._changed = anyio.Event()
 
-    async def wait_free(self) -> None:
-        while self.used >= self.size:
+    async def wait_free(self, minimum: int = 1) -> None:
+        while self.free < minimum:
             await self._changed.wait()
 
     async def wait_empty(self) -> None:
@@ -135,8 +144,10 @@ class Worker:
         heartbeat_timeout: seconds without a heartbeat after which other
             workers deem this one dead and retry its jobs. Keep it well above
             the longest time the event loop may be blocked.
-        maintenance_interval: seconds between attempts to rescue dead workers'
-            jobs (one worker at a time does it).
+        maintenance_interval: seconds between maintenance rounds: rescuing dead
+            workers' jobs and pruning finished ones (one worker at a time).
+        completed_retention: seconds completed and cancelled jobs are kept.
+        failed_retention: seconds failed jobs are kept (the dead-letter view).
 
     A worker holds two connections: one for fetching and acknowledging, one
     for LISTEN. It claims only the tasks registered on `queue`, so during a
@@ -155,6 +166,8 @@ class Worker:
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
         heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
         maintenance_interval: float = DEFAULT_MAINTENANCE_INTERVAL,
+        completed_retention: float = DEFAULT_COMPLETED_RETENTION,
+        failed_retention: float = DEFAULT_FAILED_RETENTION,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigurationError(f"concurrency must be an integer >= 1, got {concurrency!r}")
@@ -167,6 +180,12 @@ class Worker:
         ):
             if not value > 0:
                 raise ConfigurationError(f"{option} must be > 0 seconds, got {value!r}")
+        for option, value in (
+            ("completed_retention", completed_retention),
+            ("failed_retention", failed_retention),
+        ):
+            if not value >= 0:
+                raise ConfigurationError(f"{option} must be >= 0 seconds, got {value!r}")
         if not heartbeat_timeout >= 3 * heartbeat_interval:
             raise ConfigurationError(
                 f"heartbeat_timeout ({heartbeat_timeout!r} s) must be at least three "
@@ -212,6 +231,8 @@ class Worker:
             cancel_hint=self._cancel_hint,
             interval=heartbeat_interval,
             maintenance_interval=maintenance_interval,
+            completed_retention=completed_retention,
+            failed_retention=failed_retention,
         )
         self._producer_scope: anyio.CancelScope | None = None
         self._stopping = False
@@ -230,6 +251,7 @@ class Worker:
             fetches=self._fetches,
             listening=self._listener.listening,
             rescued=self._heartbeat.rescued,
+            pruned=self._heartbeat.pruned,
             fetch_connection_pids=tuple(self._link.pids),
             listen_connection_pids=tuple(self._listener.pids),
         )
@@ -326,8 +348,14 @@ class Worker:
         more = True
         next_due: float | None = None
         queues, tasks, st = self.queues, sorted(self._tasks), self.queue.statements
+        batch = max(1, self.concurrency // 2)
         while True:
             await self._slots.wait_free()
+            if more and self._slots.free < batch:
+                # A backlog and busy slots: fetching for each freed slot would cost a
+                # round trip per job; wait briefly so one fetch fills several.
+                with anyio.move_on_after(FETCH_DEBOUNCE):
+                    await self._slots.wait_free(batch)
             if not more:
                 timeout = (
                     self.poll_interval if next_due is None else min(self.poll_interval, next_due)

@@ -326,3 +326,27 @@ async def test_worker_heartbeat_timeout_must_exceed_interval(queue: Queue) -> No
 
     with pytest.raises(pgoutbox.ConfigurationError, match="heartbeat_timeout"):
         Worker(queue, heartbeat_interval=5, heartbeat_timeout=10)
+
+
+async def test_maintenance_prunes_finished_jobs_past_retention(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    seen = Recorder()
+
+    @queue.task(retry=RetryPolicy(max_attempts=1))
+    async def work(ok: bool) -> None:
+        seen.record(ok)
+        if not ok:
+            raise ValueError("bad")
+
+    worker = Worker(queue, completed_retention=0, failed_retention=3600, **FAST)
+    with watching_logs() as logs:
+        async with running(worker):
+            async with conn.transaction():
+                await queue.enqueue(conn, work, ok=True)
+                failed = await queue.enqueue(conn, work, ok=False)
+            await seen.wait_for(2)
+            await logs.wait_for_event("jobs.pruned")
+    assert await count_jobs(queue) == 1  # the failed job is kept for its retention
+    assert (await _job(queue, failed.id)).state is JobState.FAILED
+    assert worker.statistics().pruned == 1
