@@ -6,6 +6,7 @@ import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import datetime
 from typing import Any, Final, ParamSpec, Protocol, Self, TypeVar, overload
 
 import psycopg
@@ -241,19 +242,64 @@ class Queue:
         Returns:
             The jobs, in the order of `specs`.
         """
-        batch = list(specs)
+        batch = self._check_specs(specs)
         if not batch:
             return []
+        rows = await _store.job_insert_many(conn, self.statements, batch, channel=self.channel)
+        return _jobs(rows, batch)
+
+    @overload
+    def enqueue_sync(
+        self,
+        conn: psycopg.Connection[Any],
+        task: Task[P, Any],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> Job: ...
+
+    @overload
+    def enqueue_sync(
+        self, conn: psycopg.Connection[Any], task: str | TaskRef, /, **kwargs: Any
+    ) -> Job: ...
+
+    def enqueue_sync(
+        self,
+        conn: psycopg.Connection[Any],
+        task: Task[Any, Any] | str | TaskRef,
+        /,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Job:
+        """`enqueue` for sync code (Django views, Flask handlers, scripts).
+
+        Takes a sync `psycopg.Connection` and writes the job and its NOTIFY in
+        the caller's transaction, exactly like `enqueue`.
+        """
+        spec = self._bind(task, args, kwargs)
+        job_id, due = _store.job_insert_sync(
+            conn, self.statements, spec, channel=self.channel if spec.due_now() else None
+        )
+        return Job(id=job_id, task=spec.task, queue=spec.queue, run_at=due)
+
+    def enqueue_many_sync(
+        self, conn: psycopg.Connection[Any], specs: Iterable[JobSpec], /
+    ) -> list[Job]:
+        """`enqueue_many` for sync code, on a sync `psycopg.Connection`."""
+        batch = self._check_specs(specs)
+        if not batch:
+            return []
+        rows = _store.job_insert_many_sync(conn, self.statements, batch, channel=self.channel)
+        return _jobs(rows, batch)
+
+    def _check_specs(self, specs: Iterable[JobSpec]) -> list[JobSpec]:
+        batch = list(specs)
         for spec in batch:
             if not isinstance(spec, JobSpec):
                 raise ConfigurationError(
                     f"enqueue_many takes JobSpec items (from Task.bind), got {spec!r}"
                 )
-        rows = await _store.job_insert_many(conn, self.statements, batch, channel=self.channel)
-        return [
-            Job(id=job_id, task=spec.task, queue=spec.queue, run_at=due)
-            for (job_id, due), spec in zip(rows, batch, strict=True)
-        ]
+        return batch
 
     def _bind(
         self, task: Task[Any, Any] | str | TaskRef, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -373,3 +419,10 @@ class Queue:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+def _jobs(rows: list[tuple[int, datetime]], specs: list[JobSpec]) -> list[Job]:
+    return [
+        Job(id=job_id, task=spec.task, queue=spec.queue, run_at=due)
+        for (job_id, due), spec in zip(rows, specs, strict=True)
+    ]

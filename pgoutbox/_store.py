@@ -25,6 +25,8 @@ __all__ = [
     "job_get_next_due",
     "job_insert",
     "job_insert_many",
+    "job_insert_many_sync",
+    "job_insert_sync",
     "job_prune",
     "job_request_cancel_running",
     "job_set_outcome_many",
@@ -38,6 +40,7 @@ __all__ = [
 ]
 
 AnyConnection = psycopg.AsyncConnection[Any]
+AnySyncConnection = psycopg.Connection[Any]
 
 _error_decoder = msgspec.json.Decoder(JobError)
 
@@ -76,14 +79,9 @@ async def migrate(conn: AnyConnection, st: Statements, schema: str) -> list[int]
     return applied_now
 
 
-async def job_insert(
-    conn: AnyConnection, st: Statements, spec: JobSpec, *, channel: str | None
-) -> tuple[int, datetime]:
-    """Insert one job in one statement; with a `channel`, NOTIFY it in the same statement.
-
-    One statement keeps the row and its notification atomic even on an
-    autocommit connection; in a transaction, both wait for its commit.
-    """
+def _job_insert_query(
+    st: Statements, spec: JobSpec, channel: str | None
+) -> tuple[bytes, dict[str, Any]]:
     params: dict[str, Any] = {
         "queue": spec.queue,
         "task": spec.task,
@@ -93,14 +91,52 @@ async def job_insert(
     }
     if channel is not None:
         params["channel"] = channel
-        cur = await conn.execute(st.job_insert_notify, params)
-    else:
-        params["run_at"] = spec.run_at
-        params["delay"] = spec.delay
-        cur = await conn.execute(st.job_insert, params)
-    row = await cur.fetchone()
+        return st.job_insert_notify, params
+    params["run_at"] = spec.run_at
+    params["delay"] = float(spec.delay)
+    return st.job_insert, params
+
+
+def _job_insert_many_query(
+    st: Statements, specs: Sequence[JobSpec], channel: str
+) -> tuple[bytes, dict[str, Any]]:
+    due = [spec.due_now() for spec in specs]
+    return st.job_insert_many, {
+        "queues": [s.queue for s in specs],
+        "tasks": [s.task for s in specs],
+        "args": [s.args for s in specs],
+        "priorities": [s.priority for s in specs],
+        "states": ["available" if d else "scheduled" for d in due],
+        "max_attempts": [s.max_attempts for s in specs],
+        "run_ats": [s.run_at for s in specs],
+        "delays": [float(s.delay) for s in specs],
+        "channel": channel,
+        "notify_queues": sorted({s.queue for s, d in zip(specs, due, strict=True) if d}),
+    }
+
+
+def _inserted(row: tuple[Any, ...] | None) -> tuple[int, datetime]:
     assert row is not None  # noqa: S101 (INSERT ... RETURNING always returns the row)
     return row[0], row[1]
+
+
+async def job_insert(
+    conn: AnyConnection, st: Statements, spec: JobSpec, *, channel: str | None
+) -> tuple[int, datetime]:
+    """Insert one job in one statement; with a `channel`, NOTIFY it in the same statement.
+
+    One statement keeps the row and its notification atomic even on an
+    autocommit connection; in a transaction, both wait for its commit.
+    """
+    cur = await conn.execute(*_job_insert_query(st, spec, channel))
+    return _inserted(await cur.fetchone())
+
+
+def job_insert_sync(
+    conn: AnySyncConnection, st: Statements, spec: JobSpec, *, channel: str | None
+) -> tuple[int, datetime]:
+    """`job_insert` on a sync connection."""
+    return _inserted(conn.execute(*_job_insert_query(st, spec, channel)).fetchone())
 
 
 async def job_insert_many(
@@ -110,23 +146,16 @@ async def job_insert_many(
 
     Returns (id, run_at) per job, in the order of `specs`.
     """
-    due = [spec.due_now() for spec in specs]
-    cur = await conn.execute(
-        st.job_insert_many,
-        {
-            "queues": [s.queue for s in specs],
-            "tasks": [s.task for s in specs],
-            "args": [s.args for s in specs],
-            "priorities": [s.priority for s in specs],
-            "states": ["available" if d else "scheduled" for d in due],
-            "max_attempts": [s.max_attempts for s in specs],
-            "run_ats": [s.run_at for s in specs],
-            "delays": [float(s.delay) for s in specs],
-            "channel": channel,
-            "notify_queues": sorted({s.queue for s, d in zip(specs, due, strict=True) if d}),
-        },
-    )
+    cur = await conn.execute(*_job_insert_many_query(st, specs, channel))
     return [(row[0], row[1]) for row in await cur.fetchall()]
+
+
+def job_insert_many_sync(
+    conn: AnySyncConnection, st: Statements, specs: Sequence[JobSpec], *, channel: str
+) -> list[tuple[int, datetime]]:
+    """`job_insert_many` on a sync connection."""
+    cur = conn.execute(*_job_insert_many_query(st, specs, channel))
+    return [(row[0], row[1]) for row in cur.fetchall()]
 
 
 async def job_get_available(
