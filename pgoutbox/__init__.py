@@ -8,7 +8,17 @@ connection inside your own transaction with `Queue.enqueue`, and run them with
 from . import signals
 from ._connection import Connection, connect
 from ._context import JobContext, current_job
-from ._job import CancelResult, Job, JobError, JobRecord, JobSpec, JobState
+from ._job import (
+    CancelResult,
+    Job,
+    JobError,
+    JobRecord,
+    JobSpec,
+    JobState,
+    QueueCounts,
+    QueueStatus,
+    WorkerInfo,
+)
 from ._pool import Pool
 from ._queue import DEFAULT_SCHEMA, DSN_ENV, ConnectionSource, Queue
 from ._task import (
@@ -57,6 +67,8 @@ __all__ = [
     "PgoutboxError",
     "Pool",
     "Queue",
+    "QueueCounts",
+    "QueueStatus",
     "Retry",
     "RetryPolicy",
     "SchemaError",
@@ -65,6 +77,7 @@ __all__ = [
     "TaskNotFoundError",
     "TaskRef",
     "Worker",
+    "WorkerInfo",
     "WorkerStatistics",
     "connect",
     "current_job",

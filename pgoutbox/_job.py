@@ -16,6 +16,9 @@ __all__ = [
     "JobSpec",
     "JobState",
     "Outcome",
+    "QueueCounts",
+    "QueueStatus",
+    "WorkerInfo",
 ]
 
 
@@ -181,3 +184,53 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
     def due_now(self) -> bool:
         """Whether the job may run at once (then enqueue sends a NOTIFY)."""
         return self.delay <= 0 and (self.run_at is None or self.run_at <= datetime.now(UTC))
+
+
+class QueueCounts(msgspec.Struct, frozen=True, kw_only=True):
+    """Jobs of one queue by state, from `Queue.status`.
+
+    Attributes:
+        queue: the queue name.
+        counts: jobs per state (states with no jobs are absent).
+        oldest_due_age: seconds the oldest due, unclaimed job has waited, or None.
+    """
+
+    queue: str
+    counts: dict[JobState, int]
+    oldest_due_age: float | None
+
+
+class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A live worker, from `Queue.status`.
+
+    Attributes:
+        id: the worker's id.
+        hostname: where it runs.
+        pid: its process id there.
+        queues: the queues it takes jobs from.
+        concurrency: the most jobs it runs at once.
+        started_at: when it registered.
+        heartbeat_age: seconds since its last heartbeat.
+        running: jobs it holds now.
+    """
+
+    id: str
+    hostname: str
+    pid: int
+    queues: tuple[str, ...]
+    concurrency: int
+    started_at: datetime
+    heartbeat_age: float
+    running: int
+
+
+class QueueStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of an installation, from `Queue.status`.
+
+    Attributes:
+        queues: job counts per queue.
+        workers: the registered workers.
+    """
+
+    queues: tuple[QueueCounts, ...]
+    workers: tuple[WorkerInfo, ...]

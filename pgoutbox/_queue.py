@@ -13,7 +13,7 @@ import psycopg
 
 from . import _store
 from ._connection import Connection
-from ._job import CancelResult, Job, JobRecord, JobSpec
+from ._job import CancelResult, Job, JobRecord, JobSpec, QueueStatus
 from ._pool import Pool
 from ._sql import Statements, load_migrations, load_statements
 from ._task import (
@@ -402,6 +402,14 @@ class Queue:
                 "`await queue.migrate()`"
             )
         return version
+
+    async def status(self) -> QueueStatus:
+        """Jobs per queue and state, the oldest due job's wait, and the live workers.
+
+        Counting scans the jobs table: fine for an admin command, not for a hot path.
+        """
+        async with self._dedicated_connection() as conn:
+            return await _store.status(conn, self.statements)
 
     async def get_job(self, job_id: int) -> JobRecord | None:
         """The job with this id as stored now, or None if there is none."""

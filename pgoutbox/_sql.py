@@ -45,6 +45,8 @@ class Statements:
     worker_heartbeat: bytes
     worker_rescue_expired: bytes
     job_prune: bytes
+    status_queues: bytes
+    status_workers: bytes
 
 
 @dataclass(frozen=True, slots=True)

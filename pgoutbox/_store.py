@@ -14,7 +14,17 @@ import msgspec
 import psycopg
 from psycopg import sql
 
-from ._job import ClaimedJob, JobError, JobRecord, JobSpec, JobState, Outcome
+from ._job import (
+    ClaimedJob,
+    JobError,
+    JobRecord,
+    JobSpec,
+    JobState,
+    Outcome,
+    QueueCounts,
+    QueueStatus,
+    WorkerInfo,
+)
 from ._sql import Statements, load_migrations
 
 __all__ = [
@@ -33,6 +43,7 @@ __all__ = [
     "listen",
     "migrate",
     "schema_version",
+    "status",
     "worker_delete",
     "worker_heartbeat",
     "worker_register",
@@ -349,3 +360,35 @@ async def job_prune(
         },
     )
     return cur.rowcount
+
+
+async def status(conn: AnyConnection, st: Statements) -> QueueStatus:
+    """Jobs per queue and state, and the registered workers."""
+    per_queue: dict[str, dict[JobState, int]] = {}
+    oldest: dict[str, float | None] = {}
+    cur = await conn.execute(st.status_queues)
+    for queue, state, count, age in await cur.fetchall():
+        per_queue.setdefault(queue, {})[JobState(state)] = count
+        if age is not None:
+            oldest[queue] = max(age, oldest.get(queue) or 0.0)
+    cur = await conn.execute(st.status_workers)
+    workers = tuple(
+        WorkerInfo(
+            id=r[0],
+            hostname=r[1],
+            pid=r[2],
+            queues=tuple(r[3]),
+            concurrency=r[4],
+            started_at=r[5],
+            heartbeat_age=r[6],
+            running=r[7],
+        )
+        for r in await cur.fetchall()
+    )
+    return QueueStatus(
+        queues=tuple(
+            QueueCounts(queue=q, counts=counts, oldest_due_age=oldest.get(q))
+            for q, counts in per_queue.items()
+        ),
+        workers=workers,
+    )

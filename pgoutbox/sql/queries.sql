@@ -231,3 +231,20 @@ WITH lock AS (
     FOR UPDATE SKIP LOCKED
 )
 DELETE FROM {schema}.jobs AS j USING doomed WHERE j.id = doomed.id
+
+-- name: status_queues
+-- Jobs per queue and state, and how long the oldest due job has waited.
+SELECT queue, state::text, count(*),
+       extract(epoch FROM now() - min(run_at) FILTER (
+           WHERE state IN ('scheduled', 'available', 'retryable') AND run_at <= now()
+       ))::float8
+FROM {schema}.jobs
+GROUP BY queue, state
+ORDER BY queue, state
+
+-- name: status_workers
+SELECT w.id::text, w.hostname, w.pid, w.queues, w.concurrency, w.started_at,
+       extract(epoch FROM now() - w.heartbeat_at)::float8,
+       (SELECT count(*) FROM {schema}.jobs AS j WHERE j.worker_id = w.id AND j.state = 'running')
+FROM {schema}.workers AS w
+ORDER BY w.started_at

@@ -245,3 +245,21 @@ def test_cli_worker_refuses_unmigrated_schema(
     assert result.returncode == 2
     assert "not installed" in result.stderr
     assert "pgoutbox migrate" in result.stderr
+
+
+def test_cli_status_prints_queues(app: tuple[Path, str, str], database_dsn: str) -> None:
+    cwd, schema, _channel = app
+    env = _env(database_dsn)
+    subprocess.run(
+        [sys.executable, "-m", "pgoutbox", "migrate", "e2e_app:queue"],
+        cwd=cwd, env=env, capture_output=True, timeout=TIMEOUT, check=True,
+    )  # fmt: skip
+    _enqueue_by_name(database_dsn, schema, "e2e.record", n=1)
+    result = subprocess.run(
+        [sys.executable, "-m", "pgoutbox", "status", "e2e_app:queue"],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT, check=True,
+    )  # fmt: skip
+    lines = result.stdout.splitlines()
+    assert lines[2].split()[:3] == ["queue", "scheduled", "available"]
+    assert lines[3].split()[:3] == ["default", "0", "1"]
+    assert "workers: 0" in result.stdout

@@ -350,3 +350,31 @@ async def test_maintenance_prunes_finished_jobs_past_retention(
     assert await count_jobs(queue) == 1  # the failed job is kept for its retention
     assert (await _job(queue, failed.id)).state is JobState.FAILED
     assert worker.statistics().pruned == 1
+
+
+async def test_status_counts_jobs_and_lists_workers(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    started = Recorder()
+    release = anyio.Event()
+
+    @queue.task(queue="reports")
+    async def build(i: int) -> None:
+        started.record(i)
+        await release.wait()
+
+    async with conn.transaction():
+        await queue.enqueue(conn, build, 1)
+        await queue.enqueue(conn, build.options(delay=3600), 2)
+    worker = Worker(queue, **FAST)
+    async with running(worker):
+        await started.wait_for(1)
+        report = await queue.status()
+        release.set()
+    (reports,) = report.queues
+    assert reports.queue == "reports"
+    assert reports.counts == {JobState.RUNNING: 1, JobState.SCHEDULED: 1}
+    assert reports.oldest_due_age is None
+    (info,) = report.workers
+    assert (info.id, info.running, info.queues) == (worker.id, 1, ("reports",))
+    assert info.heartbeat_age < WAIT_TIMEOUT
