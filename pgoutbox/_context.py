@@ -12,7 +12,7 @@ import psycopg
 from . import _store
 from ._job import ClaimedJob
 from ._queue import Queue
-from .errors import JobLostError, NoCurrentJobError
+from .errors import JobLostError, NoCurrentJobError, PgoutboxError
 
 __all__ = ["JobContext", "current_job"]
 
@@ -64,6 +64,11 @@ class JobContext:
         """
         if self._completed:
             raise RuntimeError(f"job {self.id} was already completed by a transaction")
+        if self._queue._capture is not None:
+            raise PgoutboxError(
+                "current_job().transaction() needs the database; it is not available while "
+                "pgoutbox.testing.capture() records jobs in memory (use testing.isolated())"
+            )
         async with self._queue.connection() as conn:
             async with conn.transaction():
                 yield conn

@@ -88,6 +88,8 @@ class Queue:
         self._pool = pool
         self._own_pool: Pool | None = None
         self._tasks: dict[str, Task[Any, Any]] = {}
+        # Set by pgoutbox.testing.capture(): enqueue records jobs in memory instead.
+        self._capture: Callable[[JobSpec], Job] | None = None
 
     def __repr__(self) -> str:
         return f"<Queue schema={self.schema!r} tasks={len(self._tasks)}>"
@@ -225,6 +227,8 @@ class Queue:
             PayloadError: the arguments do not fit the task; nothing is written.
         """
         spec = self._bind(task, args, kwargs)
+        if self._capture is not None:
+            return self._capture(spec)
         job_id, due = await _store.job_insert(
             conn, self.statements, spec, channel=self.channel if spec.due_now() else None
         )
@@ -243,6 +247,8 @@ class Queue:
             The jobs, in the order of `specs`.
         """
         batch = self._check_specs(specs)
+        if self._capture is not None:
+            return [self._capture(spec) for spec in batch]
         if not batch:
             return []
         rows = await _store.job_insert_many(conn, self.statements, batch, channel=self.channel)
@@ -277,6 +283,8 @@ class Queue:
         the caller's transaction, exactly like `enqueue`.
         """
         spec = self._bind(task, args, kwargs)
+        if self._capture is not None:
+            return self._capture(spec)
         job_id, due = _store.job_insert_sync(
             conn, self.statements, spec, channel=self.channel if spec.due_now() else None
         )
@@ -287,6 +295,8 @@ class Queue:
     ) -> list[Job]:
         """`enqueue_many` for sync code, on a sync `psycopg.Connection`."""
         batch = self._check_specs(specs)
+        if self._capture is not None:
+            return [self._capture(spec) for spec in batch]
         if not batch:
             return []
         rows = _store.job_insert_many_sync(conn, self.statements, batch, channel=self.channel)

@@ -47,6 +47,7 @@ class Statements:
     job_prune: bytes
     status_queues: bytes
     status_workers: bytes
+    job_count_unfinished: bytes
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ from ._sql import Statements, load_migrations
 __all__ = [
     "job_cancel_waiting",
     "job_complete_fenced",
+    "job_count_unfinished",
     "job_get",
     "job_get_available",
     "job_get_next_due",
@@ -392,3 +393,10 @@ async def status(conn: AnyConnection, st: Statements) -> QueueStatus:
         ),
         workers=workers,
     )
+
+
+async def job_count_unfinished(conn: AnyConnection, st: Statements, *, tasks: Sequence[str]) -> int:
+    """Jobs of these tasks running or due now."""
+    cur = await conn.execute(st.job_count_unfinished, {"tasks": list(tasks)})
+    row = await cur.fetchone()
+    return 0 if row is None else int(row[0])

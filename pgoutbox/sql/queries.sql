@@ -248,3 +248,11 @@ SELECT w.id::text, w.hostname, w.pid, w.queues, w.concurrency, w.started_at,
        (SELECT count(*) FROM {schema}.jobs AS j WHERE j.worker_id = w.id AND j.state = 'running')
 FROM {schema}.workers AS w
 ORDER BY w.started_at
+
+-- name: job_count_unfinished
+-- Jobs of these tasks that are running or due now (what a drain waits for).
+SELECT count(*)
+FROM {schema}.jobs
+WHERE task = ANY(%(tasks)s::text[])
+  AND (state = 'running'
+       OR (state IN ('scheduled', 'available', 'retryable') AND run_at <= now()))

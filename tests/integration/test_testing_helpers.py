@@ -1,0 +1,58 @@
+"""pgoutbox.testing against a real database: isolated schemas and drain."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from psycopg import sql
+
+import pgoutbox
+from pgoutbox import Queue
+from pgoutbox.testing import drain, isolated
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_isolated_copy_runs_tasks_and_is_dropped(database_dsn: str) -> None:
+    app_queue = Queue(database_dsn, schema="app_never_migrated")
+    done: list[int] = []
+
+    @app_queue.task
+    async def work(i: int) -> None:
+        done.append(i)
+
+    async with isolated(app_queue) as queue, await pgoutbox.connect(database_dsn) as conn:
+        assert queue.schema != app_queue.schema
+        assert queue.tasks == app_queue.tasks
+        async with conn.transaction():
+            await queue.enqueue_many(conn, [work.bind(i) for i in range(3)])
+        await drain(queue)
+        schema = queue.schema
+    assert sorted(done) == [0, 1, 2]
+    async with await pgoutbox.connect(database_dsn, autocommit=True) as admin:
+        cur = await admin.execute(
+            "SELECT count(*) FROM information_schema.schemata WHERE schema_name = %s", [schema]
+        )
+        assert await cur.fetchone() == (0,)
+
+
+async def test_drain_runs_everything_due(queue: Queue, conn: pgoutbox.Connection[Any]) -> None:
+    done: list[int] = []
+
+    @queue.task
+    async def work(i: int) -> None:
+        done.append(i)
+
+    async with conn.transaction():
+        await queue.enqueue_many(conn, [work.bind(i) for i in range(20)])
+        await queue.enqueue(conn, work.options(delay=3600), 99)
+    await drain(queue)
+    assert sorted(done) == list(range(20))
+    async with queue.connection() as c:
+        cur = await c.execute(
+            sql.SQL("SELECT count(*) FROM {}.jobs WHERE state = 'completed'").format(
+                sql.Identifier(queue.schema)
+            )
+        )
+        assert await cur.fetchone() == (20,)
