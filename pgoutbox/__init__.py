@@ -39,6 +39,7 @@ from .errors import (
     SchemaError,
     TaskNotFoundError,
 )
+from .instrumentation import Instrumentation
 from .signals import Discard, JobSignal, Retry, Snooze
 from .worker import Worker, WorkerStatistics
 
@@ -54,6 +55,7 @@ __all__ = [
     "ConnectionSource",
     "Discard",
     "IncompatiblePsycopgError",
+    "Instrumentation",
     "Job",
     "JobContext",
     "JobError",

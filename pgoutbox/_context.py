@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from typing import Any
 
+import msgspec
 import psycopg
 
 from . import _store
@@ -28,6 +29,7 @@ class JobContext:
         queue: the queue it came from.
         attempt: this attempt's number (1 for the first run).
         max_attempts: the most attempts the job gets.
+        instrumentation: the queue's instrumentation, if any.
     """
 
     def __init__(self, queue: Queue, job: ClaimedJob) -> None:
@@ -37,10 +39,19 @@ class JobContext:
         self.queue = job.queue
         self.attempt = job.attempt
         self.max_attempts = job.max_attempts
+        self._headers = job.headers
         self._completed = False
+        self.instrumentation = queue.instrumentation
 
     def __repr__(self) -> str:
         return f"<JobContext id={self.id} task={self.task!r} attempt={self.attempt}>"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Metadata enqueued with the job (e.g. trace context); empty if none."""
+        if not self._headers:
+            return {}
+        return msgspec.json.decode(self._headers, type=dict[str, str])
 
     @property
     def completed(self) -> bool:

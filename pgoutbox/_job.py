@@ -125,6 +125,7 @@ class ClaimedJob(msgspec.Struct, frozen=True, kw_only=True):
     attempt: int
     max_attempts: int
     created_at: datetime
+    headers: str | None = None
 
 
 class Outcome(msgspec.Struct, frozen=True):
@@ -171,6 +172,7 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
         args: the arguments, encoded as JSON.
         delay: seconds from now before it may run.
         run_at: an aware datetime before which it does not run.
+        headers: string metadata carried with the job (e.g. trace context).
     """
 
     task: str
@@ -180,6 +182,7 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
     args: str
     delay: float = 0.0
     run_at: datetime | None = None
+    headers: dict[str, str] | None = None
 
     def due_now(self) -> bool:
         """Whether the job may run at once (then enqueue sends a NOTIFY)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
 from typing import Any, Final, ParamSpec, Protocol, Self, TypeVar, overload
@@ -24,6 +24,7 @@ from ._task import (
     TaskRef,
 )
 from .errors import ConfigurationError, PayloadError, SchemaError, TaskNotFoundError
+from .instrumentation import Instrumentation, combine
 
 __all__ = ["CANCEL_PAYLOAD", "DEFAULT_SCHEMA", "DSN_ENV", "ConnectionSource", "Queue"]
 
@@ -64,6 +65,7 @@ class Queue:
         pool: connections to lend from `connection` instead of pgoutbox's own
             pool, e.g. a `psycopg_pool.AsyncConnectionPool` (asyncio only).
         schema: the PostgreSQL schema of pgoutbox's tables.
+        instrumentation: tracing and metrics hooks (see `pgoutbox.instrumentation`).
 
     Raises:
         ConfigurationError: the schema name is not a plain lower-case identifier.
@@ -75,6 +77,7 @@ class Queue:
         *,
         pool: ConnectionSource | None = None,
         schema: str = DEFAULT_SCHEMA,
+        instrumentation: Sequence[Instrumentation] = (),
     ) -> None:
         if not isinstance(schema, str) or not _SCHEMA_NAME.fullmatch(schema):
             raise ConfigurationError(
@@ -88,6 +91,7 @@ class Queue:
         self._pool = pool
         self._own_pool: Pool | None = None
         self._tasks: dict[str, Task[Any, Any]] = {}
+        self.instrumentation = combine(instrumentation)
         # Set by pgoutbox.testing.capture(): enqueue records jobs in memory instead.
         self._capture: Callable[[JobSpec], Job] | None = None
 
@@ -227,6 +231,12 @@ class Queue:
             PayloadError: the arguments do not fit the task; nothing is written.
         """
         spec = self._bind(task, args, kwargs)
+        if self.instrumentation is None:
+            return await self._insert(conn, spec)
+        with self.instrumentation.enqueuing([spec]) as (instrumented,):
+            return await self._insert(conn, instrumented)
+
+    async def _insert(self, conn: psycopg.AsyncConnection[Any], spec: JobSpec) -> Job:
         if self._capture is not None:
             return self._capture(spec)
         job_id, due = await _store.job_insert(
@@ -247,10 +257,18 @@ class Queue:
             The jobs, in the order of `specs`.
         """
         batch = self._check_specs(specs)
-        if self._capture is not None:
-            return [self._capture(spec) for spec in batch]
         if not batch:
             return []
+        if self.instrumentation is None:
+            return await self._insert_many(conn, batch)
+        with self.instrumentation.enqueuing(batch) as instrumented:
+            return await self._insert_many(conn, instrumented)
+
+    async def _insert_many(
+        self, conn: psycopg.AsyncConnection[Any], batch: list[JobSpec]
+    ) -> list[Job]:
+        if self._capture is not None:
+            return [self._capture(spec) for spec in batch]
         rows = await _store.job_insert_many(conn, self.statements, batch, channel=self.channel)
         return _jobs(rows, batch)
 
@@ -283,6 +301,12 @@ class Queue:
         the caller's transaction, exactly like `enqueue`.
         """
         spec = self._bind(task, args, kwargs)
+        if self.instrumentation is None:
+            return self._insert_sync(conn, spec)
+        with self.instrumentation.enqueuing([spec]) as (instrumented,):
+            return self._insert_sync(conn, instrumented)
+
+    def _insert_sync(self, conn: psycopg.Connection[Any], spec: JobSpec) -> Job:
         if self._capture is not None:
             return self._capture(spec)
         job_id, due = _store.job_insert_sync(
@@ -295,10 +319,16 @@ class Queue:
     ) -> list[Job]:
         """`enqueue_many` for sync code, on a sync `psycopg.Connection`."""
         batch = self._check_specs(specs)
-        if self._capture is not None:
-            return [self._capture(spec) for spec in batch]
         if not batch:
             return []
+        if self.instrumentation is None:
+            return self._insert_many_sync(conn, batch)
+        with self.instrumentation.enqueuing(batch) as instrumented:
+            return self._insert_many_sync(conn, instrumented)
+
+    def _insert_many_sync(self, conn: psycopg.Connection[Any], batch: list[JobSpec]) -> list[Job]:
+        if self._capture is not None:
+            return [self._capture(spec) for spec in batch]
         rows = _store.job_insert_many_sync(conn, self.statements, batch, channel=self.channel)
         return _jobs(rows, batch)
 

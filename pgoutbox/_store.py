@@ -100,6 +100,7 @@ def _job_insert_query(
         "args": spec.args,
         "priority": spec.priority,
         "max_attempts": spec.max_attempts,
+        "headers": _headers_json(spec),
     }
     if channel is not None:
         params["channel"] = channel
@@ -122,9 +123,14 @@ def _job_insert_many_query(
         "max_attempts": [s.max_attempts for s in specs],
         "run_ats": [s.run_at for s in specs],
         "delays": [float(s.delay) for s in specs],
+        "headers": [_headers_json(s) for s in specs],
         "channel": channel,
         "notify_queues": sorted({s.queue for s, d in zip(specs, due, strict=True) if d}),
     }
+
+
+def _headers_json(spec: JobSpec) -> str | None:
+    return None if not spec.headers else msgspec.json.encode(spec.headers).decode()
 
 
 def _inserted(row: tuple[Any, ...] | None) -> tuple[int, datetime]:
@@ -194,6 +200,7 @@ async def job_get_available(
             attempt=r[5],
             max_attempts=r[6],
             created_at=r[7],
+            headers=r[8],
         )
         for r in await cur.fetchall()
     ]

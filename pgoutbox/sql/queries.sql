@@ -23,18 +23,22 @@ SELECT version FROM {schema}.migrations ORDER BY version
 INSERT INTO {schema}.migrations (version, name) VALUES (%(version)s, %(name)s)
 
 -- name: job_insert
-INSERT INTO {schema}.jobs (queue, task, args, priority, state, max_attempts, run_at)
+INSERT INTO {schema}.jobs (queue, task, args, priority, state, max_attempts, run_at, headers)
 VALUES (
     %(queue)s, %(task)s, %(args)s::jsonb, %(priority)s,
     'scheduled', %(max_attempts)s,
-    coalesce(%(run_at)s::timestamptz, now() + %(delay)s::float8 * interval '1 second')
+    coalesce(%(run_at)s::timestamptz, now() + %(delay)s::float8 * interval '1 second'),
+    %(headers)s::jsonb
 )
 RETURNING id, run_at
 
 -- name: job_insert_notify
 WITH job AS (
-    INSERT INTO {schema}.jobs (queue, task, args, priority, state, max_attempts)
-    VALUES (%(queue)s, %(task)s, %(args)s::jsonb, %(priority)s, 'available', %(max_attempts)s)
+    INSERT INTO {schema}.jobs (queue, task, args, priority, state, max_attempts, headers)
+    VALUES (
+        %(queue)s, %(task)s, %(args)s::jsonb, %(priority)s, 'available', %(max_attempts)s,
+        %(headers)s::jsonb
+    )
     RETURNING id, run_at
 )
 SELECT job.id, job.run_at, pg_notify(%(channel)s, %(queue)s) FROM job
@@ -42,14 +46,15 @@ SELECT job.id, job.run_at, pg_notify(%(channel)s, %(queue)s) FROM job
 -- name: job_insert_many
 -- Rows come back in input order: identity values follow the unnest order.
 WITH jobs AS (
-    INSERT INTO {schema}.jobs (queue, task, args, priority, state, max_attempts, run_at)
+    INSERT INTO {schema}.jobs (queue, task, args, priority, state, max_attempts, run_at, headers)
     SELECT u.queue, u.task, u.args::jsonb, u.priority, u.state::{schema}.job_state,
-           u.max_attempts, coalesce(u.run_at, now() + u.delay * interval '1 second')
+           u.max_attempts, coalesce(u.run_at, now() + u.delay * interval '1 second'),
+           u.headers::jsonb
     FROM unnest(
         %(queues)s::text[], %(tasks)s::text[], %(args)s::text[], %(priorities)s::smallint[],
         %(states)s::text[], %(max_attempts)s::integer[], %(run_ats)s::timestamptz[],
-        %(delays)s::float8[]
-    ) AS u(queue, task, args, priority, state, max_attempts, run_at, delay)
+        %(delays)s::float8[], %(headers)s::text[]
+    ) AS u(queue, task, args, priority, state, max_attempts, run_at, delay, headers)
     RETURNING id, run_at
 ), notified AS (
     SELECT pg_notify(%(channel)s, q) FROM unnest(%(notify_queues)s::text[]) AS q
@@ -84,7 +89,7 @@ SET state = 'running',
 FROM next
 WHERE j.id = next.id
 RETURNING j.id, j.queue, j.task, j.args::text, j.priority, j.attempt, j.max_attempts,
-          j.created_at
+          j.created_at, j.headers::text
 
 -- name: job_get_next_due
 SELECT extract(epoch FROM min(run_at) - now())::float8

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Final
 
 import anyio
@@ -13,6 +14,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from .. import _store
 from .._job import Outcome
 from .._sql import Statements
+from ..instrumentation import Instrumentation
 from ._link import Link
 
 __all__ = ["MAX_BATCH", "Completer"]
@@ -36,8 +38,16 @@ class Completer:
     attempt, so a retry after an unknown commit is harmless).
     """
 
-    def __init__(self, link: Link, statements: Statements, *, buffer: int) -> None:
+    def __init__(
+        self,
+        link: Link,
+        statements: Statements,
+        *,
+        buffer: int,
+        instrumentation: Instrumentation | None = None,
+    ) -> None:
         self._link = link
+        self._instrumentation = instrumentation
         self._statements = statements
         self._send, self._receive = anyio.create_memory_object_stream[Outcome](buffer)
 
@@ -72,6 +82,7 @@ class Completer:
     async def _write(self, batch: list[Outcome]) -> None:
         while True:
             conn = await self._link.get()
+            started = time.monotonic()
             try:
                 with anyio.fail_after(WRITE_TIMEOUT):
                     written = await _store.job_set_outcome_many(conn, self._statements, batch)
@@ -79,6 +90,8 @@ class Completer:
                 await self._link.failed(conn, ex)
                 continue
             self._link.succeeded()
+            if self._instrumentation is not None:
+                self._instrumentation.outcomes_written(len(batch), time.monotonic() - started)
             break
         if len(written) < len(batch):
             for outcome in batch:

@@ -61,6 +61,20 @@ async def execute(
     its own transaction, or lost it. The handler's exceptions never escape;
     cancellation of the caller does (use `interrupted` for the outcome then).
     """
+    instrumentation = context.instrumentation
+    if instrumentation is None:
+        return await _attempt(task, job, context, cancel_scope)
+    started = time.monotonic()
+    with instrumentation.executing(context):
+        outcome = await _attempt(task, job, context, cancel_scope)
+        state = JobState.COMPLETED if outcome is None else outcome.state
+        instrumentation.job_finished(context, state, time.monotonic() - started)
+    return outcome
+
+
+async def _attempt(
+    task: Task[Any, Any], job: ClaimedJob, context: JobContext, cancel_scope: anyio.CancelScope
+) -> Outcome | None:
     try:
         kwargs = task.decode_args(job.args)
     except PayloadError as ex:

@@ -15,6 +15,7 @@ from .. import _store
 from .._backoff import Backoff
 from .._connection import Connection
 from .._queue import CANCEL_PAYLOAD
+from ..instrumentation import Instrumentation
 from ._link import CONNECTION_KWARGS
 from ._wakeup import Wakeup
 
@@ -49,12 +50,14 @@ class Listener:
         *,
         cancel_hint: Wakeup,
         probe_interval: float = DEFAULT_PROBE_INTERVAL,
+        instrumentation: Instrumentation | None = None,
     ) -> None:
         self._conninfo = conninfo
         self._channel = channel
         self._queues = frozenset(queues)
         self._wakeup = wakeup
         self._cancel_hint = cancel_hint
+        self._instrumentation = instrumentation
         self._probe_interval = probe_interval
         self._scope: anyio.CancelScope | None = None
         self._listening = False
@@ -69,6 +72,8 @@ class Listener:
 
     def _set_listening(self, *, value: bool) -> None:
         self._listening = value
+        if self._instrumentation is not None:
+            self._instrumentation.listening_changed(value)
         self._listening_changed.set()
         self._listening_changed = anyio.Event()
 

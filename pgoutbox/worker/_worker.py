@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
@@ -219,9 +220,12 @@ class Worker:
             self._wakeup,
             cancel_hint=self._cancel_hint,
             probe_interval=probe_interval,
+            instrumentation=queue.instrumentation,
         )
         self._link = Link(queue.conninfo, on_failure=self._listener.reset)
-        self._completer = Completer(self._link, queue.statements, buffer=concurrency)
+        self._completer = Completer(
+            self._link, queue.statements, buffer=concurrency, instrumentation=queue.instrumentation
+        )
         self._heartbeat = Heartbeat(
             self._link,
             queue,
@@ -363,6 +367,7 @@ class Worker:
                 await self._wakeup.wait(timeout)
             limit = self._slots.free
             conn = await self._link.get()
+            fetch_started = time.monotonic()
             try:
                 with anyio.fail_after(FETCH_TIMEOUT, shield=True):
                     claimed = await _store.job_get_available(
@@ -381,6 +386,10 @@ class Worker:
             self._link.succeeded()
             self._fetches += 1
             self._claimed += len(claimed)
+            if self.queue.instrumentation is not None:
+                self.queue.instrumentation.fetched(
+                    queues, len(claimed), time.monotonic() - fetch_started
+                )
             for job in claimed:
                 self._slots.take()
                 jobs.start_soon(self._run_job, job, name=f"pgoutbox job {job.id}")
