@@ -87,11 +87,11 @@ async def test_prometheus_counts_attempts_batches_and_queue_states(
             "pgoutbox_job_attempts_total", {"queue": "default", "task": task, "state": "completed"}
         )
         == 3
-    )  # noqa: E501
+    )
     assert (
         sample("pgoutbox_job_attempts_total", {"queue": "default", "task": task, "state": "failed"})
         == 1
-    )  # noqa: E501
+    )
     assert (sample("pgoutbox_fetch_batch_size_sum") or 0) >= 4
     assert (sample("pgoutbox_outcome_batch_size_sum") or 0) == 4
     await metrics.collect_queue_states(queue)
