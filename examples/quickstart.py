@@ -1,21 +1,18 @@
 """pgoutbox quickstart: enqueue inside your transaction, let a worker run the jobs.
 
-Run it with ``python examples/quickstart.py``. It uses ``$PGOUTBOX_DSN``, or the
-local server at 127.0.0.1:5432 (user postgres, database test).
+Run it with ``python examples/quickstart.py``. It uses ``$PGOUTBOX_DSN``; with
+none set it starts an embedded PostgreSQL (``pip install "pgoutbox[embedded]"``).
 """
 
 from __future__ import annotations
-
-import os
 
 import anyio
 from psycopg.rows import scalar_row
 
 import pgoutbox
+from pgoutbox.embedded import dsn_or_embedded
 
-DSN = os.environ.get("PGOUTBOX_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=test")
-
-queue = pgoutbox.Queue(DSN, schema="quickstart")
+queue = pgoutbox.Queue(schema="quickstart")  # the DSN comes from $PGOUTBOX_DSN
 done = anyio.Event()
 emails_sent: list[str] = []
 
@@ -50,7 +47,7 @@ async def sign_up_then_fail(conn: pgoutbox.Connection[tuple[object, ...]], email
 
 async def main() -> None:
     await queue.migrate()
-    async with await pgoutbox.connect(DSN, autocommit=True) as conn:
+    async with await pgoutbox.connect(queue.conninfo, autocommit=True) as conn:
         await conn.execute(
             "CREATE TABLE IF NOT EXISTS quickstart_users (id serial PRIMARY KEY, email text)"
         )
@@ -70,4 +67,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    anyio.run(main)
+    with dsn_or_embedded() as (dsn, embedded):
+        if embedded:
+            print(f"(no PGOUTBOX_DSN set: using an embedded PostgreSQL at {dsn})")
+        anyio.run(main)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
+from functools import partial
 
 import anyio
 
@@ -15,6 +17,9 @@ from .._cli import (
     pgoutbox_error_in,
     stop_on_signals,
 )
+from .._queue import DSN_ENV, Queue
+from ..embedded import dsn_or_embedded
+from ..errors import ConfigurationError
 from ._worker import DEFAULT_CONCURRENCY, DEFAULT_POLL_INTERVAL, DEFAULT_SHUTDOWN_TIMEOUT, Worker
 
 
@@ -53,8 +58,10 @@ def build_parser(prog: str = "python -m pgoutbox.worker") -> argparse.ArgumentPa
     return parser
 
 
-async def serve(worker: Worker) -> None:
-    """Run `worker`, stopping it on SIGTERM/SIGINT."""
+async def serve(worker: Worker, *, migrate: bool = False) -> None:
+    """Run `worker`, stopping it on SIGTERM/SIGINT; with `migrate`, migrate first."""
+    if migrate:
+        await worker.queue.migrate()
     async with anyio.create_task_group() as tg:
         tg.start_soon(stop_on_signals, worker.stop, tg.cancel_scope)
         await worker.run()
@@ -68,14 +75,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     queue = load_queue(args.queue)
     queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
     try:
-        worker = Worker(
-            queue,
-            concurrency=args.concurrency,
-            queues=queues,
-            poll_interval=args.poll_interval,
-            shutdown_timeout=args.shutdown_timeout,
-        )
-        anyio.run(serve, worker, backend=args.backend)
+        with contextlib.ExitStack() as stack:
+            embedded = False
+            if not _has_database(queue):
+                dsn, embedded = stack.enter_context(dsn_or_embedded())
+                print(  # noqa: T201 (CLI output)
+                    f"pgoutbox: no {DSN_ENV} set, so an embedded PostgreSQL is running (it stops "
+                    f"with the last process using it). Join it from another terminal with:\n"
+                    f"  export {DSN_ENV}='{dsn}'",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            worker = Worker(
+                queue,
+                concurrency=args.concurrency,
+                queues=queues,
+                poll_interval=args.poll_interval,
+                shutdown_timeout=args.shutdown_timeout,
+            )
+            anyio.run(partial(serve, worker, migrate=embedded), backend=args.backend)
     except BaseException as ex:
         error = pgoutbox_error_in(ex)
         if error is None:
@@ -83,6 +101,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)  # noqa: T201 (CLI output)
         return 2
     return 0
+
+
+def _has_database(queue: Queue) -> bool:
+    try:
+        _ = queue.conninfo
+    except ConfigurationError:
+        return False
+    return True
 
 
 if __name__ == "__main__":
