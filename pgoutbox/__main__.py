@@ -32,14 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Create or upgrade pgoutbox's schema. Give the application's queue, or "
         "a DSN and schema name.",
     )
-    migrate.add_argument(
-        "queue", nargs="?", help="the Queue, as 'package.module:attribute' (optional)"
-    )
-    migrate.add_argument("--dsn", help="connection string (default: the queue's, or $PGOUTBOX_DSN)")
-    migrate.add_argument(
-        "--schema",
-        help=f"schema name (default: the queue's, or {DEFAULT_SCHEMA} when no queue is given)",
-    )
+    _add_target_arguments(migrate)
     add_common_arguments(migrate)
     status = commands.add_parser(
         "status",
@@ -47,20 +40,25 @@ def build_parser() -> argparse.ArgumentParser:
         description="Show jobs per queue and state, how long the oldest due job has waited, "
         "and the registered workers with their heartbeats.",
     )
-    status.add_argument(
-        "queue", nargs="?", help="the Queue, as 'package.module:attribute' (optional)"
-    )
-    status.add_argument("--dsn", help="connection string (default: the queue's, or $PGOUTBOX_DSN)")
-    status.add_argument(
-        "--schema",
-        help=f"schema name (default: the queue's, or {DEFAULT_SCHEMA} when no queue is given)",
-    )
+    _add_target_arguments(status)
     status.add_argument("--json", action="store_true", help="print JSON instead of tables")
     add_common_arguments(status)
     commands.add_parser(
         "worker", help="run a worker (same as python -m pgoutbox.worker)", add_help=False
     )
     return parser
+
+
+def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which installation a command acts on: a queue, or a DSN and schema."""
+    parser.add_argument(
+        "queue", nargs="?", help="the Queue, as 'package.module:attribute' (optional)"
+    )
+    parser.add_argument("--dsn", help="connection string (default: the queue's, or $PGOUTBOX_DSN)")
+    parser.add_argument(
+        "--schema",
+        help=f"schema name (default: the queue's, or {DEFAULT_SCHEMA} when no queue is given)",
+    )
 
 
 def _render_status(report: QueueStatus) -> str:

@@ -86,14 +86,7 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
     retry_on: tuple[type[BaseException], ...] = (Exception,)
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.max_attempts, bool)
-            or not isinstance(self.max_attempts, int)
-            or not 1 <= self.max_attempts <= _MAX_INT32
-        ):
-            raise ConfigurationError(
-                f"max_attempts must be an integer from 1 to {_MAX_INT32}, got {self.max_attempts!r}"
-            )
+        _validate_max_attempts(self.max_attempts)
         if self.initial_interval < 0 or self.max_interval < 0:
             raise ConfigurationError("initial_interval and max_interval must be >= 0 seconds")
         if self.multiplier < 1:
@@ -307,14 +300,7 @@ class TaskRef(msgspec.Struct, frozen=True, kw_only=True):
         validate_name("task", self.name)
         validate_name("queue", self.queue)
         validate_priority(self.priority)
-        if (
-            isinstance(self.max_attempts, bool)
-            or not isinstance(self.max_attempts, int)
-            or not 1 <= self.max_attempts <= _MAX_INT32
-        ):
-            raise ConfigurationError(
-                f"max_attempts must be an integer from 1 to {_MAX_INT32}, got {self.max_attempts!r}"
-            )
+        _validate_max_attempts(self.max_attempts)
         _validate_delay(self.name, self.delay)
         _validate_run_at(self.name, self.run_at)
 
@@ -336,6 +322,13 @@ class TaskRef(msgspec.Struct, frozen=True, kw_only=True):
             args=payload,
             delay=self.delay,
             run_at=self.run_at,
+        )
+
+
+def _validate_max_attempts(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_INT32:
+        raise ConfigurationError(
+            f"max_attempts must be an integer from 1 to {_MAX_INT32}, got {value!r}"
         )
 
 
