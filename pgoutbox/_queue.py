@@ -372,7 +372,8 @@ class Queue:
                 raise ConfigurationError(f"job ids are integers, got {job_id!r}")
         st = self.statements
         cancelled = await _store.job_cancel_waiting(conn, st, job_ids=job_ids)
-        rest = [job_id for job_id in job_ids if job_id not in set(cancelled)]
+        done = set(cancelled)
+        rest = [job_id for job_id in job_ids if job_id not in done]
         requested = (
             await _store.job_request_cancel_running(
                 conn, st, job_ids=rest, channel=self.channel, payload=CANCEL_PAYLOAD
