@@ -36,6 +36,7 @@ class Statements:
     job_get_available: bytes
     job_get_next_due: bytes
     job_set_outcome_many: bytes
+    job_complete_many: bytes
     job_get: bytes
     worker_register: bytes
     worker_delete: bytes

@@ -223,6 +223,12 @@ async def job_set_outcome_many(
     A job is only written while it is still ``running`` under the same attempt,
     so a worker that lost a job can never overwrite a newer attempt.
     """
+    if all(o.state is JobState.COMPLETED for o in outcomes):
+        cur = await conn.execute(
+            st.job_complete_many,
+            {"ids": [o.id for o in outcomes], "attempts": [o.attempt for o in outcomes]},
+        )
+        return {row[0] for row in await cur.fetchall()}
     cur = await conn.execute(
         st.job_set_outcome_many,
         {

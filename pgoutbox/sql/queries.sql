@@ -116,6 +116,14 @@ FROM unnest(
 WHERE j.id = o.id AND j.attempt = o.attempt AND j.state = 'running'
 RETURNING j.id
 
+-- name: job_complete_many
+-- The common case of job_set_outcome_many: attempts that completed.
+UPDATE {schema}.jobs AS j
+SET state = 'completed', finished_at = now(), worker_id = NULL, cancel_requested_at = NULL
+FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS o(id, attempt)
+WHERE j.id = o.id AND j.attempt = o.attempt AND j.state = 'running'
+RETURNING j.id
+
 -- name: job_get
 SELECT id, queue, task, args::text, priority, state::text, attempt, max_attempts,
        run_at, created_at, attempted_at, finished_at,

@@ -85,17 +85,24 @@ async def _attempt(
         )
         return Outcome(job.id, job.attempt, JobState.FAILED, error=_error(job, ex))
     started = time.monotonic()
-    logger.debug("job %s started", job.id, extra=_context(job, event="job.started"))
+    debug = logger.isEnabledFor(logging.DEBUG)  # spare the hot path building `extra`
+    if debug:
+        logger.debug("job %s started", job.id, extra=_context(job, event="job.started"))
     error: Exception | None = None
     enter(context)
     try:
-        with cancel_scope, anyio.move_on_after(task.timeout) as timeout_scope:
-            await task.fn(**kwargs)
+        with cancel_scope:
+            if task.timeout is None:
+                await task.fn(**kwargs)
+            else:
+                with anyio.move_on_after(task.timeout) as timeout_scope:
+                    await task.fn(**kwargs)
+                if timeout_scope.cancelled_caught:
+                    error = JobTimeoutError(
+                        f"attempt exceeded the task's timeout of {task.timeout} s"
+                    )
     except Exception as ex:  # noqa: BLE001 (a handler's failure is an outcome, not a crash)
         error = ex
-    else:
-        if timeout_scope.cancelled_caught:
-            error = JobTimeoutError(f"attempt exceeded the task's timeout of {task.timeout} s")
     duration = time.monotonic() - started
     if context.completed:
         return None
@@ -103,11 +110,12 @@ async def _attempt(
         logger.info("job %s cancelled", job.id, extra=_context(job, event="job.cancelled"))
         return Outcome(job.id, job.attempt, JobState.CANCELLED)
     if error is None:
-        logger.debug(
-            "job %s completed",
-            job.id,
-            extra=_context(job, event="job.completed", duration=duration),
-        )
+        if debug:
+            logger.debug(
+                "job %s completed",
+                job.id,
+                extra=_context(job, event="job.completed", duration=duration),
+            )
         return Outcome(job.id, job.attempt, JobState.COMPLETED)
     return _failure(task, job, error, duration)
 

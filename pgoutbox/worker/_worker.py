@@ -409,8 +409,11 @@ class Worker:
                     self._completer.sender.send_nowait(interrupted(job))
                 raise
             if outcome is not None:
-                with anyio.move_on_after(CLEANUP_TIMEOUT, shield=True):
-                    await self._completer.sender.send(outcome)
+                try:
+                    self._completer.sender.send_nowait(outcome)
+                except anyio.WouldBlock:  # the completer is behind: wait (backpressure)
+                    with anyio.move_on_after(CLEANUP_TIMEOUT, shield=True):
+                        await self._completer.sender.send(outcome)
         finally:
             del self._cancel_scopes[key]
             self._slots.release()
