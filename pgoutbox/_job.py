@@ -26,8 +26,7 @@ class JobState(StrEnum):
     """Where a job is in its lifecycle.
 
     ``scheduled``/``available`` → ``running`` → ``completed``, or
-    ``retryable`` → … → ``failed``. ``cancelled`` is reserved for job
-    cancellation, which this version does not offer yet.
+    ``retryable`` → … → ``failed``; ``cancelled`` by `Queue.cancel`.
     """
 
     SCHEDULED = "scheduled"

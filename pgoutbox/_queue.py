@@ -108,6 +108,14 @@ class Queue:
             )
         return str(found)
 
+    def use_pool(self, pool: ConnectionSource | None) -> None:
+        """Lend connections from `pool` from now on (None: pgoutbox's own pool).
+
+        For a module-level queue whose pool is opened later, e.g. in a web
+        app's lifespan. Call `aclose` first if the queue's own pool was used.
+        """
+        self._pool = pool
+
     # -- registry ------------------------------------------------------------
 
     @property

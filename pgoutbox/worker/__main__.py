@@ -60,12 +60,16 @@ def build_parser(prog: str = "python -m pgoutbox.worker") -> argparse.ArgumentPa
 
 async def serve(worker: Worker, *, migrate: bool = False) -> None:
     """Run `worker`, stopping it on SIGTERM/SIGINT; with `migrate`, migrate first."""
-    if migrate:
-        await worker.queue.migrate()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(stop_on_signals, worker.stop, tg.cancel_scope)
-        await worker.run()
-        tg.cancel_scope.cancel()
+    try:
+        if migrate:
+            await worker.queue.migrate()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stop_on_signals, worker.stop, tg.cancel_scope)
+            await worker.run()
+            tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await worker.queue.aclose()  # the pool transactional handlers borrowed from
 
 
 def main(argv: Sequence[str] | None = None) -> int:

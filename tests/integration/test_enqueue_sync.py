@@ -37,3 +37,19 @@ async def test_enqueue_sync_commits_and_rolls_back_with_caller(
     assert record is not None
     assert record.state is JobState.AVAILABLE
     assert await count_jobs(queue) == 3
+
+
+async def test_enqueue_sync_through_a_client_side_cursor(queue: Queue, database_dsn: str) -> None:
+    """Django's psycopg backend binds parameters client-side: enqueue must work there too."""
+
+    @queue.task
+    async def send(to: str, delay_hint: float | None = None) -> None: ...
+
+    with (
+        psycopg.connect(database_dsn, cursor_factory=psycopg.ClientCursor) as sync_conn,
+        sync_conn.transaction(),
+    ):
+        queue.enqueue_sync(sync_conn, send, "a'); DROP TABLE x; --")
+        queue.enqueue_many_sync(sync_conn, [send.bind("b", 1.5), send.options(delay=60).bind("c")])
+    assert await count_jobs(queue) == 3
+    assert await count_jobs(queue, "state = 'scheduled'") == 1
