@@ -41,6 +41,7 @@ class JobContext:
         self.max_attempts = job.max_attempts
         self._headers = job.headers
         self._completed = False
+        self._lost = False
         self.instrumentation = queue.instrumentation
 
     def __repr__(self) -> str:
@@ -52,6 +53,11 @@ class JobContext:
         if not self._headers:
             return {}
         return msgspec.json.decode(self._headers, type=dict[str, str])
+
+    @property
+    def lost(self) -> bool:
+        """Whether `transaction` found the job no longer running under this attempt."""
+        return self._lost
 
     @property
     def completed(self) -> bool:
@@ -86,6 +92,7 @@ class JobContext:
                 if not await _store.job_complete_fenced(
                     conn, self._queue.statements, job_id=self.id, attempt=self.attempt
                 ):
+                    self._lost = True
                     raise JobLostError(
                         f"job {self.id} is no longer running under attempt {self.attempt} "
                         "(rescued or cancelled): its transaction was rolled back"

@@ -40,7 +40,8 @@ class JobState(StrEnum):
     COMPLETED = "completed"
     """The handler returned."""
     FAILED = "failed"
-    """Out of attempts or not retryable; kept with its errors (the dead-letter view)."""
+    """Out of attempts or not retryable; kept with its errors (the dead-letter view)
+    until the worker's ``failed_retention`` has passed."""
     CANCELLED = "cancelled"
     """Cancelled before it finished."""
 
@@ -66,7 +67,7 @@ class JobError(msgspec.Struct, frozen=True, kw_only=True):
 
     Attributes:
         attempt: the attempt that failed (1 for the first run).
-        at: when it failed (the worker's clock, UTC).
+        at: when it failed (UTC; the worker's clock, or the database's for a rescue).
         type: the exception's qualified type name.
         message: ``str()`` of the exception.
         traceback: the formatted traceback, if any.
@@ -203,7 +204,7 @@ class QueueCounts(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """A live worker, from `Queue.status`.
+    """A registered worker, from `Queue.status` (alive unless its heartbeat is old).
 
     Attributes:
         id: the worker's id.

@@ -453,11 +453,17 @@ class Queue:
         return version
 
     async def status(self) -> QueueStatus:
-        """Jobs per queue and state, the oldest due job's wait, and the live workers.
+        """Jobs per queue and state, the oldest due job's wait, and the registered workers.
 
-        Counting scans the jobs table: fine for an admin command, not for a hot path.
+        Workers whose heartbeat expired are listed until maintenance removes
+        them (see `WorkerInfo.heartbeat_age`). Counting scans the jobs table:
+        fine for an admin command, not for a hot path.
+
+        Raises:
+            SchemaError: the schema is missing or too old.
         """
         async with self._dedicated_connection() as conn:
+            await self.check_schema(conn)
             return await _store.status(conn, self.statements)
 
     async def get_job(self, job_id: int) -> JobRecord | None:

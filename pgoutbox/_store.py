@@ -235,7 +235,7 @@ async def job_set_outcome_many(
             "ids": [o.id for o in outcomes],
             "attempts": [o.attempt for o in outcomes],
             "states": [o.state.value for o in outcomes],
-            "delays": [o.delay for o in outcomes],
+            "delays": [None if o.delay is None else float(o.delay) for o in outcomes],
             "errors": [o.error for o in outcomes],
             "extra_attempts": [o.extra_attempts for o in outcomes],
         },

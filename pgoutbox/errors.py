@@ -6,7 +6,7 @@ catches them all; each message names what was wrong and how to fix it.
 ```text
 PgoutboxError
 ├── ConfigurationError        a Queue, task or Worker option is invalid
-├── TaskNotFoundError         enqueue or run named a task nobody registered
+├── TaskNotFoundError         a task name is not registered (e.g. Queue.get_task)
 ├── PayloadError              arguments do not match the task's parameters
 ├── SchemaError               the database schema is missing or too old
 ├── JobLostError              a job's transactional completion was refused

@@ -30,7 +30,7 @@ class Retry(JobSignal):
         super().__init__(reason)
         if after is not None and not after >= 0:
             raise ValueError(f"Retry(after=...) must be >= 0 seconds, got {after!r}")
-        self.after = after
+        self.after = None if after is None else float(after)
         self.reason = reason
 
 
@@ -45,7 +45,7 @@ class Snooze(JobSignal):
         super().__init__(f"snoozed for {after} s")
         if not after >= 0:
             raise ValueError(f"Snooze(after=...) must be >= 0 seconds, got {after!r}")
-        self.after = after
+        self.after = float(after)
 
 
 class Discard(JobSignal):

@@ -15,8 +15,8 @@ from pgoutbox.testing import capture
 async def test_sign_up_sends_welcome(conn):
     with capture(queue) as jobs:
         await sign_up(conn, "ada@example.com")
-    jobs.assert_enqueued(send_welcome, user_id=1, email="ada@example.com")
-    await jobs.run_all()
+        jobs.assert_enqueued(send_welcome, user_id=1, email="ada@example.com")
+        await jobs.run_all()  # inside the block, so jobs the handlers enqueue are captured
     assert jobs.states() == {"completed": 1}
 ```
 """

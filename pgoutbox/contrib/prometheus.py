@@ -95,6 +95,8 @@ class PrometheusInstrumentation(Instrumentation):
     async def collect_queue_states(self, queue: Queue) -> None:
         """Set the per-queue gauges from the database (runs `Queue.status`)."""
         report = await queue.status()
+        self.jobs.clear()  # queues with no jobs left drop out instead of keeping old values
+        self.oldest_due.clear()
         for counts in report.queues:
             for state in JobState:
                 self.jobs.labels(counts.queue, state.value).set(counts.counts.get(state, 0))

@@ -79,6 +79,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     queue = load_queue(args.queue)
     queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
     try:
+        worker = Worker(
+            queue,
+            concurrency=args.concurrency,
+            queues=queues,
+            poll_interval=args.poll_interval,
+            shutdown_timeout=args.shutdown_timeout,
+        )
         with contextlib.ExitStack() as stack:
             embedded = False
             if not _has_database(queue):
@@ -90,13 +97,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
-            worker = Worker(
-                queue,
-                concurrency=args.concurrency,
-                queues=queues,
-                poll_interval=args.poll_interval,
-                shutdown_timeout=args.shutdown_timeout,
-            )
             anyio.run(partial(serve, worker, migrate=embedded), backend=args.backend)
     except BaseException as ex:
         error = pgoutbox_error_in(ex)

@@ -67,8 +67,9 @@ async def execute(
     started = time.monotonic()
     with instrumentation.executing(context):
         outcome = await _attempt(task, job, context, cancel_scope)
-        state = JobState.COMPLETED if outcome is None else outcome.state
-        instrumentation.job_finished(context, state, time.monotonic() - started)
+        if not context.lost:  # a lost attempt's outcome belongs to the attempt that won
+            state = JobState.COMPLETED if outcome is None else outcome.state
+            instrumentation.job_finished(context, state, time.monotonic() - started)
     return outcome
 
 

@@ -30,11 +30,13 @@ class Link:
     """Owns the fetch/ack connection: opens it on demand, and after a failure
     closes it, waits a jittered exponential backoff, and opens a new one.
 
-    `on_failure` runs after each failure (the worker uses it to make the
-    listener reconnect too).
+    `conninfo` is read at each connect. `on_failure` runs after each failure
+    (the worker uses it to make the listener reconnect too).
     """
 
-    def __init__(self, conninfo: str, *, on_failure: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self, conninfo: Callable[[], str], *, on_failure: Callable[[], None] = lambda: None
+    ) -> None:
         self._conninfo = conninfo
         self._on_failure = on_failure
         self._conn: Connection[Any] | None = None
@@ -54,7 +56,7 @@ class Link:
                 await anyio.sleep(self._wait_before_connect)
                 try:
                     self._conn = await Connection[Any].connect(
-                        self._conninfo, autocommit=True, **CONNECTION_KWARGS
+                        self._conninfo(), autocommit=True, **CONNECTION_KWARGS
                     )
                 except psycopg.OperationalError as ex:
                     self._note_failure(ex)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from contextlib import aclosing
 from typing import Any, Final
 
@@ -43,7 +43,7 @@ class Listener:
 
     def __init__(
         self,
-        conninfo: str,
+        conninfo: Callable[[], str],
         channel: str,
         queues: Collection[str],
         wakeup: Wakeup,
@@ -96,7 +96,7 @@ class Listener:
             with anyio.CancelScope() as self._scope:
                 try:
                     async with await Connection[Any].connect(
-                        self._conninfo, autocommit=True, **CONNECTION_KWARGS
+                        self._conninfo(), autocommit=True, **CONNECTION_KWARGS
                     ) as conn:
                         await _store.listen(conn, self._channel)
                         self.pids.append(conn.info.backend_pid)

@@ -213,8 +213,12 @@ class Worker:
         self._cancel_hint = Wakeup()
         # By (job id, attempt): after a rescue one worker may run two attempts.
         self._cancel_scopes: dict[tuple[int, int], anyio.CancelScope] = {}
+
+        def conninfo() -> str:  # read at each connect: the DSN may be set after this
+            return queue.conninfo
+
         self._listener = Listener(
-            queue.conninfo,
+            conninfo,
             queue.channel,
             self.queues,
             self._wakeup,
@@ -222,7 +226,7 @@ class Worker:
             probe_interval=probe_interval,
             instrumentation=queue.instrumentation,
         )
-        self._link = Link(queue.conninfo, on_failure=self._listener.reset)
+        self._link = Link(conninfo, on_failure=self._listener.reset)
         self._completer = Completer(
             self._link, queue.statements, buffer=concurrency, instrumentation=queue.instrumentation
         )

@@ -85,10 +85,15 @@ class LogWatcher(logging.Handler):
     def events(self) -> list[str]:
         return [getattr(r, "event", "") for r in self.records]
 
-    async def wait_for_event(self, event: str, timeout: float = WAIT_TIMEOUT) -> None:  # noqa: ASYNC109
-        """Wait until a record with this `event` was logged (fails after `timeout` s)."""
+    async def wait_for_event(
+        self,
+        event: str,
+        count: int = 1,
+        timeout: float = WAIT_TIMEOUT,  # noqa: ASYNC109
+    ) -> None:
+        """Wait until `count` records with this `event` were logged (fails after `timeout` s)."""
         with anyio.fail_after(timeout):
-            while event not in self.events():
+            while self.events().count(event) < count:
                 await self._changed.wait()
 
 

@@ -378,3 +378,30 @@ async def test_status_counts_jobs_and_lists_workers(
     (info,) = report.workers
     assert (info.id, info.running, info.queues) == (worker.id, 1, ("reports",))
     assert info.heartbeat_age < WAIT_TIMEOUT
+
+
+async def test_signal_delays_of_mixed_number_types_in_one_batch(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    seen = Recorder()
+    gate = anyio.Event()
+
+    @queue.task
+    async def later(after: float) -> None:
+        seen.record(after)
+        await gate.wait()  # finish together, so the outcomes share one batch
+        raise Snooze(int(after) if after >= 1 else after)
+
+    with watching_logs() as logs:
+        async with running(Worker(queue, concurrency=4, **FAST)):
+            async with conn.transaction():
+                await queue.enqueue_many(conn, [later.bind(60), later.bind(0.5)])
+            await seen.wait_for(2)
+            gate.set()
+            await logs.wait_for_event("job.snoozed", count=2)
+    assert await count_jobs(queue, "state = 'scheduled'") == 2
+
+
+async def test_status_of_a_missing_schema_says_how_to_fix(database_dsn: str) -> None:
+    with pytest.raises(pgoutbox.SchemaError, match="migrate"):
+        await Queue(database_dsn, schema="never_installed").status()
