@@ -39,6 +39,7 @@ __all__ = [
     "job_insert_many_sync",
     "job_insert_sync",
     "job_prune",
+    "job_release_claim",
     "job_request_cancel_running",
     "job_set_outcome_many",
     "listen",
@@ -184,11 +185,18 @@ async def job_get_available(
     tasks: Sequence[str],
     limit: int,
     worker_id: str,
+    claim_id: str,
 ) -> list[ClaimedJob]:
-    """Claim up to `limit` due jobs of these queues and tasks (autocommit statement)."""
+    """Claim up to `limit` due jobs of these queues and tasks, marked with `claim_id`."""
     cur = await conn.execute(
         st.job_get_available,
-        {"queues": list(queues), "tasks": list(tasks), "limit": limit, "worker_id": worker_id},
+        {
+            "queues": list(queues),
+            "tasks": list(tasks),
+            "limit": limit,
+            "worker_id": worker_id,
+            "claim_id": claim_id,
+        },
     )
     return [
         ClaimedJob(
@@ -204,6 +212,14 @@ async def job_get_available(
         )
         for r in await cur.fetchall()
     ]
+
+
+async def job_release_claim(
+    conn: AnyConnection, st: Statements, *, worker_id: str, claim_id: str
+) -> int:
+    """Give back the still-running jobs of one fetch (whose rows never arrived)."""
+    cur = await conn.execute(st.job_release_claim, {"worker_id": worker_id, "claim_id": claim_id})
+    return len(await cur.fetchall())
 
 
 async def job_get_next_due(

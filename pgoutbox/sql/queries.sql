@@ -85,11 +85,20 @@ UPDATE {schema}.jobs AS j
 SET state = 'running',
     attempt = j.attempt + 1,
     attempted_at = now(),
-    worker_id = %(worker_id)s
+    worker_id = %(worker_id)s,
+    claim_id = %(claim_id)s
 FROM next
 WHERE j.id = next.id
 RETURNING j.id, j.queue, j.task, j.args::text, j.priority, j.attempt, j.max_attempts,
           j.created_at, j.headers::text
+
+-- name: job_release_claim
+-- Give back the jobs of a fetch whose reply never arrived: they never ran, so
+-- the attempt the claim counted is taken back too.
+UPDATE {schema}.jobs
+SET state = 'available', attempt = attempt - 1, worker_id = NULL, claim_id = NULL
+WHERE claim_id = %(claim_id)s AND worker_id = %(worker_id)s AND state = 'running'
+RETURNING id
 
 -- name: job_get_next_due
 SELECT extract(epoch FROM min(run_at) - now())::float8
@@ -197,6 +206,9 @@ WITH lock AS (
     DELETE FROM {schema}.workers
     WHERE (SELECT held FROM lock)
       AND heartbeat_at < now() - heartbeat_timeout * interval '1 second'
+      -- While the server was down nobody could beat: after a restart, give
+      -- every worker a full timeout to come back before declaring it dead.
+      AND pg_postmaster_start_time() < now() - heartbeat_timeout * interval '1 second'
     RETURNING id
 ), rescued AS (
     UPDATE {schema}.jobs AS j

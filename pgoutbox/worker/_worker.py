@@ -6,9 +6,9 @@ import contextlib
 import logging
 import os
 import socket
-import time
 import uuid
 from collections.abc import Iterable, Sequence
+from functools import partial
 from typing import Any, Final
 
 import anyio
@@ -34,6 +34,7 @@ from ._heartbeat import (
 )
 from ._link import Link
 from ._listener import DEFAULT_PROBE_INTERVAL, Listener
+from ._producer import Producer, Slots
 from ._wakeup import Wakeup
 
 __all__ = [
@@ -63,12 +64,6 @@ DEFAULT_SHUTDOWN_TIMEOUT: Final = 25.0
 CLEANUP_TIMEOUT: Final = 10.0
 """Seconds allowed for the final flush of outcomes and unregistering at shutdown."""
 
-FETCH_TIMEOUT: Final = 30.0
-"""Seconds a fetch may take before the connection is deemed dead."""
-
-FETCH_DEBOUNCE: Final = 0.005
-"""Seconds a busy worker with a backlog waits for more free slots, so one fetch fills several."""
-
 
 class WorkerStatistics(msgspec.Struct, frozen=True, kw_only=True):
     """A snapshot of a worker's counters, from `Worker.statistics`.
@@ -96,35 +91,6 @@ class WorkerStatistics(msgspec.Struct, frozen=True, kw_only=True):
     pruned: int
     fetch_connection_pids: tuple[int, ...]
     listen_connection_pids: tuple[int, ...]
-
-
-class _Slots:
-    """Counts running jobs against the concurrency limit and wakes waiters on change."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.used = 0
-        self._changed = anyio.Event()
-
-    @property
-    def free(self) -> int:
-        return self.size - self.used
-
-    def take(self) -> None:
-        self.used += 1
-
-    def release(self) -> None:
-        self.used -= 1
-        self._changed.set()
-        self._changed = anyio.Event()
-
-    async def wait_free(self, minimum: int = 1) -> None:
-        while self.free < minimum:
-            await self._changed.wait()
-
-    async def wait_empty(self) -> None:
-        while self.used:
-            await self._changed.wait()
 
 
 class Worker:
@@ -208,7 +174,7 @@ class Worker:
         self.heartbeat_timeout = heartbeat_timeout
         self.id = str(uuid.uuid4())
         self._tasks: dict[str, Task[Any, Any]] = dict(queue.tasks)
-        self._slots = _Slots(concurrency)
+        self._slots = Slots(concurrency)
         self._wakeup = Wakeup()
         self._cancel_hint = Wakeup()
         # By (job id, attempt): after a rescue one worker may run two attempts.
@@ -242,12 +208,20 @@ class Worker:
             completed_retention=completed_retention,
             failed_retention=failed_retention,
         )
+        self._producer = Producer(
+            self._link,
+            queue,
+            worker_id=self.id,
+            queues=self.queues,
+            tasks=sorted(self._tasks),
+            slots=self._slots,
+            wakeup=self._wakeup,
+            poll_interval=poll_interval,
+        )
         self._producer_scope: anyio.CancelScope | None = None
         self._stopping = False
         self._started = False
         self._registered = False
-        self._claimed = 0
-        self._fetches = 0
 
     def statistics(self) -> WorkerStatistics:
         """A frozen snapshot of the worker's counters."""
@@ -255,8 +229,8 @@ class Worker:
             worker_id=self.id,
             concurrency=self.concurrency,
             running=self._slots.used,
-            claimed=self._claimed,
-            fetches=self._fetches,
+            claimed=self._producer.claimed,
+            fetches=self._producer.fetches,
             listening=self._listener.listening,
             rescued=self._heartbeat.rescued,
             pruned=self._heartbeat.pruned,
@@ -310,7 +284,7 @@ class Worker:
                     async with self._completer.sender, anyio.create_task_group() as jobs:
                         with anyio.CancelScope() as self._producer_scope:
                             if not self._stopping:
-                                await self._produce(jobs)
+                                await self._producer.run(partial(self._start_job, jobs))
                         await self._drain(jobs)
                     acks.cancel_scope.deadline = anyio.current_time() + CLEANUP_TIMEOUT
                 services.cancel_scope.cancel()
@@ -350,53 +324,8 @@ class Worker:
                 )
                 scope.cancel()
 
-    async def _produce(self, jobs: anyio.abc.TaskGroup) -> None:
-        """Claim jobs into free slots: at once while fetches come back full, else on
-        a wake-up, at the next due delayed job, or after `poll_interval`."""
-        more = True
-        next_due: float | None = None
-        queues, tasks, st = self.queues, sorted(self._tasks), self.queue.statements
-        batch = max(1, self.concurrency // 2)
-        while True:
-            await self._slots.wait_free()
-            if more and self._slots.free < batch:
-                # A backlog and busy slots: fetching for each freed slot would cost a
-                # round trip per job; wait briefly so one fetch fills several.
-                with anyio.move_on_after(FETCH_DEBOUNCE):
-                    await self._slots.wait_free(batch)
-            if not more:
-                timeout = (
-                    self.poll_interval if next_due is None else min(self.poll_interval, next_due)
-                )
-                await self._wakeup.wait(timeout)
-            limit = self._slots.free
-            conn = await self._link.get()
-            fetch_started = time.monotonic()
-            try:
-                with anyio.fail_after(FETCH_TIMEOUT, shield=True):
-                    claimed = await _store.job_get_available(
-                        conn, st, queues=queues, tasks=tasks, limit=limit, worker_id=self.id
-                    )
-                    more = len(claimed) == limit
-                    next_due = (
-                        None
-                        if more
-                        else await _store.job_get_next_due(conn, st, queues=queues, tasks=tasks)
-                    )
-            except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as ex:
-                await self._link.failed(conn, ex)
-                more = True
-                continue
-            self._link.succeeded()
-            self._fetches += 1
-            self._claimed += len(claimed)
-            if self.queue.instrumentation is not None:
-                self.queue.instrumentation.fetched(
-                    queues, len(claimed), time.monotonic() - fetch_started
-                )
-            for job in claimed:
-                self._slots.take()
-                jobs.start_soon(self._run_job, job, name=f"pgoutbox job {job.id}")
+    def _start_job(self, jobs: anyio.abc.TaskGroup, job: ClaimedJob) -> None:
+        jobs.start_soon(self._run_job, job, name=f"pgoutbox job {job.id}")
 
     async def _run_job(self, job: ClaimedJob) -> None:
         key = (job.id, job.attempt)

@@ -12,7 +12,7 @@ from psycopg import sql
 
 import pgoutbox
 from pgoutbox import Discard, JobState, Queue, Retry, RetryPolicy, Snooze, Worker, current_job
-from pgoutbox.worker import _listener
+from pgoutbox.worker import _listener, _producer
 
 from ._running import WAIT_TIMEOUT, Recorder, count_jobs, running, watching_logs
 
@@ -405,3 +405,59 @@ async def test_signal_delays_of_mixed_number_types_in_one_batch(
 async def test_status_of_a_missing_schema_says_how_to_fix(database_dsn: str) -> None:
     with pytest.raises(pgoutbox.SchemaError, match="migrate"):
         await Queue(database_dsn, schema="never_installed").status()
+
+
+async def test_claimed_jobs_run_even_if_the_connection_dies_right_after_the_claim(
+    queue: Queue, conn: pgoutbox.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the chaos test: a claim committed, then the follow-up query failed."""
+    real = _producer._store.job_get_next_due
+    failures = [psycopg.OperationalError("server closed the connection (simulated)")]
+
+    async def next_due_then_die(*args: Any, **kwargs: Any) -> float | None:
+        if failures:
+            raise failures.pop()
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(_producer._store, "job_get_next_due", next_due_then_die)
+    seen = Recorder()
+
+    @queue.task
+    async def work(i: int) -> None:
+        seen.record(i)
+
+    async with running(Worker(queue, **FAST)):
+        async with conn.transaction():
+            await queue.enqueue(conn, work, 1)
+        await seen.wait_for(1)
+    assert failures == []
+
+
+async def test_claim_whose_reply_was_lost_is_given_back(
+    queue: Queue, conn: pgoutbox.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = _producer._store.job_get_available
+    lost: list[int] = []
+
+    async def claim_then_lose_reply(*args: Any, **kwargs: Any) -> list[Any]:
+        claimed = await real(*args, **kwargs)
+        if claimed and not lost:
+            lost.extend(job.id for job in claimed)
+            raise psycopg.OperationalError("reply lost (simulated)")
+        return claimed
+
+    monkeypatch.setattr(_producer._store, "job_get_available", claim_then_lose_reply)
+    seen = Recorder()
+
+    @queue.task
+    async def work(i: int) -> None:
+        seen.record(current_job().attempt)
+
+    with watching_logs() as logs:
+        async with running(Worker(queue, **FAST)):
+            async with conn.transaction():
+                job = await queue.enqueue(conn, work, 1)
+            assert await seen.wait_for(1) == [1]  # the lost claim did not spend an attempt
+            await logs.wait_for_event("worker.claim_released")
+    assert lost == [job.id]
+    assert (await _job(queue, job.id)).state is JobState.COMPLETED

@@ -1,0 +1,201 @@
+"""The producer: claims jobs into free execution slots."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+import anyio
+import psycopg
+
+from .. import _store
+from .._connection import Connection
+from .._job import ClaimedJob
+from .._queue import Queue
+from ._link import Link
+from ._wakeup import Wakeup
+
+__all__ = ["FETCH_DEBOUNCE", "FETCH_TIMEOUT", "Producer", "Slots"]
+
+logger = logging.getLogger("pgoutbox.worker")
+
+FETCH_TIMEOUT: Final = 30.0
+"""Seconds a fetch may take before the connection is deemed dead."""
+
+FETCH_DEBOUNCE: Final = 0.005
+"""Seconds a busy worker with a backlog waits for more free slots, so one fetch fills several."""
+
+
+class Slots:
+    """Counts running jobs against the concurrency limit and wakes waiters on change."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.used = 0
+        self._changed = anyio.Event()
+
+    @property
+    def free(self) -> int:
+        return self.size - self.used
+
+    def take(self) -> None:
+        self.used += 1
+
+    def release(self) -> None:
+        self.used -= 1
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait_free(self, minimum: int = 1) -> None:
+        while self.free < minimum:
+            await self._changed.wait()
+
+    async def wait_empty(self) -> None:
+        while self.used:
+            await self._changed.wait()
+
+
+class Producer:
+    """Claims due jobs of the worker's queues and tasks into its free slots.
+
+    It fetches at once while fetches come back full; otherwise it sleeps until
+    a wake-up (NOTIFY), the next known delayed job, or `poll_interval`. Each
+    fetch is one statement claiming at most the free slots, shielded from
+    cancellation and bounded by `FETCH_TIMEOUT`; claimed jobs are handed over
+    before anything else may fail. On a connection error it drops the
+    connection (the link backs off before reconnecting) and tries again.
+    """
+
+    def __init__(
+        self,
+        link: Link,
+        queue: Queue,
+        *,
+        worker_id: str,
+        queues: Sequence[str],
+        tasks: Sequence[str],
+        slots: Slots,
+        wakeup: Wakeup,
+        poll_interval: float,
+    ) -> None:
+        self._link = link
+        self._queue = queue
+        self._worker_id = worker_id
+        self._queues = list(queues)
+        self._tasks = list(tasks)
+        self._slots = slots
+        self._wakeup = wakeup
+        self._poll_interval = poll_interval
+        self._unconfirmed: list[str] = []  # claim ids of fetches whose reply was lost
+        self.fetches = 0
+        """Fetch statements run."""
+        self.claimed = 0
+        """Jobs claimed."""
+
+    async def run(self, start_job: Callable[[ClaimedJob], None]) -> None:
+        """Claim jobs and pass each to `start_job` (which must not block) until cancelled."""
+        more = True
+        next_due: float | None = None
+        batch = max(1, self._slots.size // 2)
+        while True:
+            await self._slots.wait_free()
+            if more and self._slots.free < batch:
+                # A backlog and busy slots: fetching for each freed slot would cost a
+                # round trip per job; wait briefly so one fetch fills several.
+                with anyio.move_on_after(FETCH_DEBOUNCE):
+                    await self._slots.wait_free(batch)
+            if not more:
+                wait = (
+                    self._poll_interval if next_due is None else min(self._poll_interval, next_due)
+                )
+                await self._wakeup.wait(wait)
+            limit = self._slots.free
+            claimed = await self._claim(limit)
+            if claimed is None:
+                more = True  # the fetch failed: try again (after the link's backoff)
+                continue
+            # Claimed jobs are handed over before anything else can fail.
+            for job in claimed:
+                self._slots.take()
+                start_job(job)
+            more = len(claimed) == limit
+            next_due = None if more else await self._next_due()
+
+    async def _claim(self, limit: int) -> list[ClaimedJob] | None:
+        """Claim up to `limit` jobs in one statement; None if the fetch failed.
+
+        A fetch whose reply is lost may still have committed: its claim id is
+        kept, and those jobs are given back (they never ran) before the next
+        fetch, so they cannot stay ``running`` under a live worker.
+        """
+        conn = await self._link.get()
+        if self._unconfirmed and not await self._release_unconfirmed(conn):
+            return None
+        claim_id = str(uuid.uuid4())
+        started = time.monotonic()
+        try:
+            with anyio.fail_after(FETCH_TIMEOUT, shield=True):
+                claimed = await _store.job_get_available(
+                    conn,
+                    self._queue.statements,
+                    queues=self._queues,
+                    tasks=self._tasks,
+                    limit=limit,
+                    worker_id=self._worker_id,
+                    claim_id=claim_id,
+                )
+        except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as ex:
+            self._unconfirmed.append(claim_id)
+            await self._link.failed(conn, ex)
+            return None
+        self._link.succeeded()
+        self.fetches += 1
+        self.claimed += len(claimed)
+        if self._queue.instrumentation is not None:
+            self._queue.instrumentation.fetched(
+                self._queues, len(claimed), time.monotonic() - started
+            )
+        return claimed
+
+    async def _release_unconfirmed(self, conn: Connection[Any]) -> bool:
+        """Give back the jobs of fetches whose replies were lost; False if that failed."""
+        try:
+            with anyio.fail_after(FETCH_TIMEOUT, shield=True):
+                while self._unconfirmed:
+                    released = await _store.job_release_claim(
+                        conn,
+                        self._queue.statements,
+                        worker_id=self._worker_id,
+                        claim_id=self._unconfirmed[0],
+                    )
+                    self._unconfirmed.pop(0)
+                    if released:
+                        logger.warning(
+                            "gave back %d jobs claimed by a fetch whose reply was lost",
+                            released,
+                            extra={
+                                "event": "worker.claim_released",
+                                "worker_id": self._worker_id,
+                                "count": released,
+                            },
+                        )
+        except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as ex:
+            await self._link.failed(conn, ex)
+            return False
+        return True
+
+    async def _next_due(self) -> float | None:
+        """Seconds until the next delayed job is due, or None (also when the query fails:
+        polling covers it)."""
+        conn = await self._link.get()
+        try:
+            with anyio.fail_after(FETCH_TIMEOUT, shield=True):
+                return await _store.job_get_next_due(
+                    conn, self._queue.statements, queues=self._queues, tasks=self._tasks
+                )
+        except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as ex:
+            await self._link.failed(conn, ex)
+            return None
