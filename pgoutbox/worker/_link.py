@@ -35,9 +35,16 @@ class Link:
     """
 
     def __init__(
-        self, conninfo: Callable[[], str], *, on_failure: Callable[[], None] = lambda: None
+        self,
+        conninfo: Callable[[], str],
+        *,
+        on_failure: Callable[[], None] = lambda: None,
+        prepared_statements: bool = True,
     ) -> None:
         self._conninfo = conninfo
+        # psycopg prepares a statement after 5 uses; None never prepares (for
+        # poolers in transaction mode that cannot keep prepared statements).
+        self._prepare_threshold = 5 if prepared_statements else None
         self._on_failure = on_failure
         self._conn: Connection[Any] | None = None
         self._lock = anyio.Lock()
@@ -56,7 +63,10 @@ class Link:
                 await anyio.sleep(self._wait_before_connect)
                 try:
                     self._conn = await Connection[Any].connect(
-                        self._conninfo(), autocommit=True, **CONNECTION_KWARGS
+                        self._conninfo(),
+                        autocommit=True,
+                        prepare_threshold=self._prepare_threshold,
+                        **CONNECTION_KWARGS,
                     )
                 except psycopg.OperationalError as ex:
                     self._note_failure(ex)

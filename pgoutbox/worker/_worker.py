@@ -115,6 +115,10 @@ class Worker:
             workers' jobs and pruning finished ones (one worker at a time).
         completed_retention: seconds completed and cancelled jobs are kept.
         failed_retention: seconds failed jobs are kept (the dead-letter view).
+        prepared_statements: let the fetch/ack connection use server-side
+            prepared statements (faster). Turn off behind a pooler in
+            transaction mode that cannot keep them (PgBouncer before 1.21, or
+            without ``max_prepared_statements``).
 
     A worker holds two connections: one for fetching and acknowledging, one
     for LISTEN. It claims only the tasks registered on `queue`, so during a
@@ -135,6 +139,7 @@ class Worker:
         maintenance_interval: float = DEFAULT_MAINTENANCE_INTERVAL,
         completed_retention: float = DEFAULT_COMPLETED_RETENTION,
         failed_retention: float = DEFAULT_FAILED_RETENTION,
+        prepared_statements: bool = True,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigurationError(f"concurrency must be an integer >= 1, got {concurrency!r}")
@@ -192,7 +197,9 @@ class Worker:
             probe_interval=probe_interval,
             instrumentation=queue.instrumentation,
         )
-        self._link = Link(conninfo, on_failure=self._listener.reset)
+        self._link = Link(
+            conninfo, on_failure=self._listener.reset, prepared_statements=prepared_statements
+        )
         self._completer = Completer(
             self._link, queue.statements, buffer=concurrency, instrumentation=queue.instrumentation
         )

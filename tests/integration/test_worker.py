@@ -441,3 +441,26 @@ async def test_worker_runs_many_jobs_concurrently(
         gate.set()
         await seen.wait_for(8)
     assert await count_jobs(queue, "state = 'completed'") == 8
+
+
+async def test_worker_without_prepared_statements_for_transaction_poolers(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    seen = Recorder()
+
+    @queue.task
+    async def work(i: int) -> None:
+        seen.record(i)
+
+    plain, prepared = (
+        Worker(queue, poll_interval=0.05, prepared_statements=False),
+        Worker(queue, poll_interval=0.05),
+    )
+    async with running(plain):
+        async with conn.transaction():
+            await queue.enqueue_many(conn, [work.bind(i) for i in range(3)])
+        await seen.wait_for(3)
+        fetch_conn = await plain._link.get()
+        assert fetch_conn.prepare_threshold is None
+    async with running(prepared):
+        assert (await prepared._link.get()).prepare_threshold == 5
