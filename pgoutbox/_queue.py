@@ -84,6 +84,11 @@ class Queue:
                 f"invalid schema name {schema!r}: use 1-48 characters from a-z, 0-9 and '_', "
                 "starting with a letter or '_'"
             )
+        if schema.startswith("pg_") or schema == "information_schema":
+            raise ConfigurationError(
+                f"invalid schema name {schema!r}: PostgreSQL reserves 'pg_*' and "
+                "'information_schema' for itself"
+            )
         self.schema = schema
         self.channel = f"{schema}_jobs"
         self.statements: Statements = load_statements(schema)

@@ -6,7 +6,7 @@ import inspect
 import random
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Final, Generic, ParamSpec, TypeVar, get_type_hints
 
 import msgspec
@@ -41,6 +41,7 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:<>\-]{0,199}$")
 _PRIORITY_RANGE: Final = range(-32768, 32768)
 _MAX_INT32: Final = 2**31 - 1
 _MAX_DELAY: Final = 100 * 365 * 24 * 3600.0  # a century: past that it is a mistake
+_RUN_AT_YEARS: Final = (1970, 9999)
 
 
 def validate_name(kind: str, value: object) -> str:
@@ -208,14 +209,9 @@ class Task(Generic[P, R]):
             delay: seconds from now (the database's clock) before the job may run.
             run_at: an aware datetime before which the job does not run.
         """
-        if delay is not None and (isinstance(delay, bool) or not delay >= 0):
-            raise ConfigurationError(
-                f"task {self.name!r}: delay must be >= 0 seconds, got {delay!r}"
-            )
-        if run_at is not None and (not isinstance(run_at, datetime) or run_at.tzinfo is None):
-            raise ConfigurationError(
-                f"task {self.name!r}: run_at must be a timezone-aware datetime, got {run_at!r}"
-            )
+        if delay is not None:
+            _validate_delay(self.name, delay)
+        _validate_run_at(self.name, run_at)
         return Task(
             self.fn,
             name=self.name,
@@ -258,7 +254,16 @@ class Task(Generic[P, R]):
             payload = msgspec.convert(bound.arguments, self._args_type)
         except msgspec.ValidationError as ex:
             raise PayloadError(self.name, str(ex)) from None
-        return msgspec.json.encode(payload).decode()
+        except RecursionError:
+            raise PayloadError(self.name, "the arguments are nested too deeply") from None
+        text = encode_payload(self.name, payload)
+        # What the worker cannot decode must not be written (e.g. NaN for a
+        # float, which JSON stores as null).
+        try:
+            self._decoder.decode(text)
+        except (msgspec.DecodeError, RecursionError) as ex:
+            raise PayloadError(self.name, f"the arguments would not decode: {ex}") from None
+        return text
 
     def decode_args(self, data: str) -> dict[str, Any]:
         """Decode a stored payload into keyword arguments for the handler.
@@ -270,6 +275,8 @@ class Task(Generic[P, R]):
             payload = self._decoder.decode(data)
         except msgspec.DecodeError as ex:
             raise PayloadError(self.name, str(ex)) from None
+        except RecursionError:
+            raise PayloadError(self.name, "the stored arguments are nested too deeply") from None
         return msgspec.structs.asdict(payload)
 
 
@@ -310,10 +317,7 @@ class TaskRef(msgspec.Struct, frozen=True, kw_only=True):
         Raises:
             PayloadError: the arguments cannot be encoded as JSON.
         """
-        try:
-            payload = msgspec.json.encode(kwargs).decode()
-        except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as ex:
-            raise PayloadError(self.name, f"cannot encode the arguments as JSON: {ex}") from None
+        payload = encode_payload(self.name, kwargs)
         return JobSpec(
             task=self.name,
             queue=self.queue,
@@ -345,7 +349,39 @@ def _validate_delay(task: str, delay: object) -> None:
 
 
 def _validate_run_at(task: str, run_at: object) -> None:
-    if run_at is not None and (not isinstance(run_at, datetime) or run_at.tzinfo is None):
+    if run_at is None:
+        return
+    if not isinstance(run_at, datetime) or run_at.utcoffset() is None:
         raise ConfigurationError(
             f"task {task!r}: run_at must be a timezone-aware datetime, got {run_at!r}"
         )
+    try:
+        in_utc = run_at.astimezone(UTC)
+    except (OverflowError, ValueError):
+        in_utc = None
+    if in_utc is None or not _RUN_AT_YEARS[0] <= in_utc.year <= _RUN_AT_YEARS[1]:
+        raise ConfigurationError(
+            f"task {task!r}: run_at must fall between the years {_RUN_AT_YEARS[0]} and "
+            f"{_RUN_AT_YEARS[1]} in UTC, got {run_at!r}"
+        )
+
+
+# A NUL escape not itself escaped: an odd number of backslashes before u0000.
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def encode_payload(task: str, value: object) -> str:
+    """Encode arguments as JSON text that PostgreSQL's jsonb can store.
+
+    Raises:
+        PayloadError: the value cannot be encoded, or holds a NUL character.
+    """
+    try:
+        text = msgspec.json.encode(value).decode()
+    except (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError) as ex:
+        raise PayloadError(task, f"cannot encode the arguments as JSON: {ex}") from None
+    if _NUL_ESCAPE.search(text):
+        raise PayloadError(
+            task, "a string holds a NUL character (\\u0000), which PostgreSQL cannot store"
+        )
+    return text

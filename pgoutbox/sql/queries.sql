@@ -94,9 +94,16 @@ RETURNING j.id, j.queue, j.task, j.args::text, j.priority, j.attempt, j.max_atte
 
 -- name: job_release_claim
 -- Give back the jobs of a fetch whose reply never arrived: they never ran, so
--- the attempt the claim counted is taken back too.
+-- the attempt the claim counted is taken back too (no one can hold a fence on
+-- it). A job whose cancel was requested meanwhile ends `cancelled`.
 UPDATE {schema}.jobs
-SET state = 'available', attempt = attempt - 1, worker_id = NULL, claim_id = NULL
+SET state = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled'
+                 ELSE 'available' END::{schema}.job_state,
+    finished_at = CASE WHEN cancel_requested_at IS NOT NULL THEN now() END,
+    attempt = attempt - 1,
+    cancel_requested_at = NULL,
+    worker_id = NULL,
+    claim_id = NULL
 WHERE claim_id = %(claim_id)s AND worker_id = %(worker_id)s AND state = 'running'
 RETURNING id
 
@@ -109,13 +116,17 @@ WHERE state IN ('scheduled', 'retryable')
   AND task = ANY(%(tasks)s::text[])
 
 -- name: job_set_outcome_many
+-- A job whose cancel was requested ends `cancelled` instead of waiting again.
 UPDATE {schema}.jobs AS j
-SET state = o.state::{schema}.job_state,
+SET state = CASE WHEN j.cancel_requested_at IS NOT NULL
+                      AND o.state IN ('available', 'retryable', 'scheduled')
+                 THEN 'cancelled' ELSE o.state END::{schema}.job_state,
     run_at = CASE WHEN o.delay IS NULL THEN j.run_at
                   ELSE now() + o.delay * interval '1 second' END,
     max_attempts = j.max_attempts + o.extra_attempts,
     cancel_requested_at = NULL,
-    finished_at = CASE WHEN o.state IN ('completed', 'failed', 'cancelled') THEN now() END,
+    finished_at = CASE WHEN o.state IN ('completed', 'failed', 'cancelled')
+                         OR j.cancel_requested_at IS NOT NULL THEN now() END,
     errors = CASE WHEN o.error IS NULL THEN j.errors ELSE array_append(j.errors, o.error) END,
     worker_id = NULL
 FROM unnest(
@@ -149,9 +160,18 @@ VALUES (
 ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()
 
 -- name: worker_delete
+-- A worker leaving gives back the jobs it still holds: their interrupted
+-- attempt is given back too (max_attempts + 1, so attempt numbers keep
+-- growing), and a job whose cancel was requested ends `cancelled`.
 WITH released AS (
     UPDATE {schema}.jobs
-    SET state = 'available', worker_id = NULL, run_at = now()
+    SET state = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled'
+                     ELSE 'available' END::{schema}.job_state,
+        finished_at = CASE WHEN cancel_requested_at IS NOT NULL THEN now() END,
+        max_attempts = max_attempts + 1,
+        cancel_requested_at = NULL,
+        worker_id = NULL,
+        run_at = now()
     WHERE worker_id = %(id)s AND state = 'running'
     RETURNING id
 ), gone AS (

@@ -182,4 +182,8 @@ def interrupted(job: ClaimedJob) -> Outcome:
     error = _error(
         job, WorkerShutdownError("the worker stopped during this attempt"), with_traceback=False
     )
-    return Outcome(job.id, job.attempt, JobState.AVAILABLE, delay=0.0, error=error)
+    # The interrupted attempt is given back (max_attempts + 1; attempt numbers
+    # keep growing, so fences stay sound): a deploy must not use up a job.
+    return Outcome(
+        job.id, job.attempt, JobState.AVAILABLE, delay=0.0, error=error, extra_attempts=1
+    )
