@@ -8,12 +8,12 @@ import os
 import socket
 import uuid
 from collections.abc import Iterable, Sequence
-from functools import partial
 from typing import Any, Final
 
 import anyio
 import msgspec
 import psycopg
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .. import _store
 from .._connection import Connection
@@ -288,10 +288,22 @@ class Worker:
                 await services.start(self._heartbeat.run)
                 async with anyio.create_task_group() as acks:
                     await acks.start(self._completer.run)
-                    async with self._completer.sender, anyio.create_task_group() as jobs:
+                    # One long-lived executor task per slot, fed by the producer through
+                    # a channel: cheaper than a new task (and cancel scope) per job.
+                    claimed, to_run = anyio.create_memory_object_stream[ClaimedJob](
+                        self.concurrency
+                    )
+                    async with (
+                        self._completer.sender,
+                        claimed,
+                        to_run,
+                        anyio.create_task_group() as jobs,
+                    ):
+                        for _ in range(self.concurrency):
+                            jobs.start_soon(self._execute, to_run)
                         with anyio.CancelScope() as self._producer_scope:
                             if not self._stopping:
-                                await self._producer.run(partial(self._start_job, jobs))
+                                await self._producer.run(claimed.send_nowait)
                         await self._drain(jobs)
                     acks.cancel_scope.deadline = anyio.current_time() + CLEANUP_TIMEOUT
                 services.cancel_scope.cancel()
@@ -331,8 +343,10 @@ class Worker:
                 )
                 scope.cancel()
 
-    def _start_job(self, jobs: anyio.abc.TaskGroup, job: ClaimedJob) -> None:
-        jobs.start_soon(self._run_job, job, name=f"pgoutbox job {job.id}")
+    async def _execute(self, to_run: MemoryObjectReceiveStream[ClaimedJob]) -> None:
+        """An executor: runs the jobs the producer hands over, one at a time."""
+        async for job in to_run:
+            await self._run_job(job)
 
     async def _run_job(self, job: ClaimedJob) -> None:
         key = (job.id, job.attempt)
