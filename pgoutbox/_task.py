@@ -254,6 +254,8 @@ class Task(Generic[P, R]):
             payload = msgspec.convert(bound.arguments, self._args_type)
         except msgspec.ValidationError as ex:
             raise PayloadError(self.name, str(ex)) from None
+        except ValueError as ex:  # e.g. a lone surrogate in a str, seen while converting
+            raise PayloadError(self.name, f"an argument cannot be converted: {ex}") from None
         except RecursionError:
             raise PayloadError(self.name, "the arguments are nested too deeply") from None
         text = encode_payload(self.name, payload)

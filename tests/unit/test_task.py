@@ -140,3 +140,30 @@ def test_queue_without_dsn_says_how_to_fix(monkeypatch: pytest.MonkeyPatch) -> N
         _ = Queue(schema="unit").conninfo
     monkeypatch.setenv("PGOUTBOX_DSN", "dbname=x")
     assert Queue(schema="unit").conninfo == "dbname=x"
+
+
+@pytest.mark.parametrize(
+    "value", ["\ud800", "a\x00b", float("nan"), [[[[]]]] * 1], ids=["surrogate", "nul", "nan", "ok"]
+)
+def test_task_encode_refuses_what_postgres_or_the_worker_cannot_take(value: object) -> None:
+    queue = Queue("", schema="unit")
+
+    @queue.task
+    async def takes_int(x: int) -> None: ...
+
+    @queue.task
+    async def takes_str(x: str) -> None: ...
+
+    @queue.task
+    async def takes_float(x: float) -> None: ...
+
+    @queue.task
+    async def takes_any(x: object) -> None: ...
+
+    for task in (takes_int, takes_str, takes_float, takes_any):
+        try:
+            text = task.encode_args((value,), {})
+        except PayloadError:
+            continue
+        # What was accepted must decode back in the worker.
+        assert task.decode_args(text) is not None
