@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
 
 import psycopg
 import pytest
+from hypothesis import settings
 from psycopg import sql
 
 import pgoutbox
 
 from ._postgres import server_dsn, with_dbname
+
+# In CI, property tests replay the same examples every run (a red CI then means a
+# change broke something, not that the dice found an old bug); locally they explore.
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture(
