@@ -66,6 +66,11 @@ class Queue:
             pool, e.g. a `psycopg_pool.AsyncConnectionPool` (asyncio only).
         schema: the PostgreSQL schema of pgoutbox's tables.
         instrumentation: tracing and metrics hooks (see `pgoutbox.instrumentation`).
+        notify: send a NOTIFY with each enqueue so idle workers start the job
+            within milliseconds. A transaction that notifies takes a
+            cluster-wide lock at commit, which limits concurrent enqueue
+            throughput (about 0.6x measured with 16 producers); with False,
+            workers find jobs by polling (``poll_interval``) instead.
 
     Raises:
         ConfigurationError: the schema name is not a plain lower-case identifier.
@@ -78,6 +83,7 @@ class Queue:
         pool: ConnectionSource | None = None,
         schema: str = DEFAULT_SCHEMA,
         instrumentation: Sequence[Instrumentation] = (),
+        notify: bool = True,
     ) -> None:
         if not isinstance(schema, str) or not _SCHEMA_NAME.fullmatch(schema):
             raise ConfigurationError(
@@ -97,6 +103,7 @@ class Queue:
         self._own_pool: Pool | None = None
         self._tasks: dict[str, Task[Any, Any]] = {}
         self.instrumentation = combine(instrumentation)
+        self.notify = notify
         # Set by pgoutbox.testing.capture(): enqueue records jobs in memory instead.
         self._capture: Callable[[JobSpec], Job] | None = None
 
@@ -253,7 +260,7 @@ class Queue:
         if self._capture is not None:
             return self._capture(spec)
         job_id, due = await _store.job_insert(
-            conn, self.statements, spec, channel=self.channel if spec.due_now() else None
+            conn, self.statements, spec, channel=self._channel_for(spec)
         )
         return Job(id=job_id, task=spec.task, queue=spec.queue, run_at=due)
 
@@ -282,7 +289,9 @@ class Queue:
     ) -> list[Job]:
         if self._capture is not None:
             return [self._capture(spec) for spec in batch]
-        rows = await _store.job_insert_many(conn, self.statements, batch, channel=self.channel)
+        rows = await _store.job_insert_many(
+            conn, self.statements, batch, channel=self.channel if self.notify else None
+        )
         return _jobs(rows, batch)
 
     @overload
@@ -323,7 +332,7 @@ class Queue:
         if self._capture is not None:
             return self._capture(spec)
         job_id, due = _store.job_insert_sync(
-            conn, self.statements, spec, channel=self.channel if spec.due_now() else None
+            conn, self.statements, spec, channel=self._channel_for(spec)
         )
         return Job(id=job_id, task=spec.task, queue=spec.queue, run_at=due)
 
@@ -342,8 +351,14 @@ class Queue:
     def _insert_many_sync(self, conn: psycopg.Connection[Any], batch: list[JobSpec]) -> list[Job]:
         if self._capture is not None:
             return [self._capture(spec) for spec in batch]
-        rows = _store.job_insert_many_sync(conn, self.statements, batch, channel=self.channel)
+        rows = _store.job_insert_many_sync(
+            conn, self.statements, batch, channel=self.channel if self.notify else None
+        )
         return _jobs(rows, batch)
+
+    def _channel_for(self, spec: JobSpec) -> str | None:
+        """Where to NOTIFY for `spec`: nowhere for delayed jobs, or with notify off."""
+        return self.channel if self.notify and spec.due_now() else None
 
     def _check_specs(self, specs: Iterable[JobSpec]) -> list[JobSpec]:
         batch = list(specs)

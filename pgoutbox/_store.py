@@ -108,13 +108,15 @@ def _job_insert_query(
         return st.job_insert_notify, params
     params["run_at"] = spec.run_at
     params["delay"] = float(spec.delay)
+    params["state"] = "available" if spec.due_now() else "scheduled"
     return st.job_insert, params
 
 
 def _job_insert_many_query(
-    st: Statements, specs: Sequence[JobSpec], channel: str
+    st: Statements, specs: Sequence[JobSpec], channel: str | None
 ) -> tuple[bytes, dict[str, Any]]:
     due = [spec.due_now() for spec in specs]
+    notify = channel is not None
     return st.job_insert_many, {
         "queues": [s.queue for s in specs],
         "tasks": [s.task for s in specs],
@@ -125,8 +127,8 @@ def _job_insert_many_query(
         "run_ats": [s.run_at for s in specs],
         "delays": [float(s.delay) for s in specs],
         "headers": [_headers_json(s) for s in specs],
-        "channel": channel,
-        "notify_queues": sorted({s.queue for s, d in zip(specs, due, strict=True) if d}),
+        "channel": channel or "",
+        "notify_queues": sorted({s.queue for s, d in zip(specs, due, strict=True) if d and notify}),
     }
 
 
@@ -159,7 +161,7 @@ def job_insert_sync(
 
 
 async def job_insert_many(
-    conn: AnyConnection, st: Statements, specs: Sequence[JobSpec], *, channel: str
+    conn: AnyConnection, st: Statements, specs: Sequence[JobSpec], *, channel: str | None
 ) -> list[tuple[int, datetime]]:
     """Insert many jobs in one statement, NOTIFYing each queue that got a due job once.
 
@@ -170,7 +172,7 @@ async def job_insert_many(
 
 
 def job_insert_many_sync(
-    conn: AnySyncConnection, st: Statements, specs: Sequence[JobSpec], *, channel: str
+    conn: AnySyncConnection, st: Statements, specs: Sequence[JobSpec], *, channel: str | None
 ) -> list[tuple[int, datetime]]:
     """`job_insert_many` on a sync connection."""
     cur = conn.execute(*_job_insert_many_query(st, specs, channel))

@@ -26,7 +26,7 @@ INSERT INTO {schema}.migrations (version, name) VALUES (%(version)s, %(name)s)
 INSERT INTO {schema}.jobs (queue, task, args, priority, state, max_attempts, run_at, headers)
 VALUES (
     %(queue)s, %(task)s, %(args)s::jsonb, %(priority)s,
-    'scheduled', %(max_attempts)s,
+    %(state)s::{schema}.job_state, %(max_attempts)s,
     coalesce(%(run_at)s::timestamptz, now() + %(delay)s::float8 * interval '1 second'),
     %(headers)s::jsonb
 )

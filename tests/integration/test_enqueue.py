@@ -258,3 +258,22 @@ async def test_enqueue_many_rolls_back_with_the_transaction(
     with pytest.raises(RuntimeError, match="abort"):
         await enqueue_then_abort()
     assert await count_jobs(queue) == 0
+
+
+async def test_enqueue_without_notify_still_reaches_polling_workers(
+    queue: Queue, conn: pgoutbox.Connection[Any], database_dsn: str
+) -> None:
+    quiet = Queue(queue.conninfo, schema=queue.schema, notify=False)
+
+    @quiet.task
+    async def send(to: str) -> None: ...
+
+    listener = await _listen(database_dsn, queue.channel)
+    try:
+        async with conn.transaction():
+            await quiet.enqueue(conn, send, "a@example.com")
+            await quiet.enqueue_many(conn, [send.bind("b@example.com")])
+        assert await _notifications(listener, 0.3) == []
+    finally:
+        await listener.close()
+    assert await count_jobs(queue, "state = 'available'") == 2

@@ -408,8 +408,8 @@ class JobStateMachine(RuleBasedStateMachine):
         job_id, _ = self.db.call(
             _store.job_insert, self.db.conn, self.db.statements, spec, channel=channel
         )
-        state = JobState.AVAILABLE if channel is not None else JobState.SCHEDULED
-        self._add(job_id, spec, state, due=timing != "later")
+        due = timing != "later"
+        self._add(job_id, spec, JobState.AVAILABLE if due else JobState.SCHEDULED, due=due)
 
     @rule(jobs=_JOB_BATCH)
     def enqueue_many(self, jobs: list[tuple[str, str, int, int, bool]]) -> None:
