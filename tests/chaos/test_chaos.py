@@ -908,7 +908,8 @@ def test_chaos_jobs_survive_kills_terminations_blackholes_and_restarts(
         try:
             server = stack.enter_context(owned_server(emergency))
         except ServerUnavailableError as ex:
-            pytest.skip(f"cannot own a PostgreSQL server: {ex}")
+            # No skip: a chaos test that silently does not run proves nothing.
+            pytest.fail(f"cannot own a PostgreSQL server for the chaos test: {ex}")
         dsn = _set_up(server, schema)
         proxy = stack.enter_context(Proxy("127.0.0.1", server.port))
         logs = server.base / "logs"
