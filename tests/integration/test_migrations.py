@@ -110,3 +110,17 @@ async def test_migrated_tables_exist(queue: Queue) -> None:
                     "VALUES ('q', 't', '{{}}', 0)"
                 ).format(sql.Identifier(queue.schema))
             )
+
+
+async def test_queue_adopts_a_pool_opened_later(database_dsn: str, schema: str) -> None:
+    queue = Queue(database_dsn, schema=schema)
+    async with pgoutbox.Pool(database_dsn, max_size=2) as pool:
+        queue.use_pool(pool)
+        async with queue.connection() as lent:
+            pid = lent.info.backend_pid
+        # The pool hands back its most recently returned connection: the same backend
+        # proves the queue borrowed from `pool`, not from a pool of its own.
+        async with pool.connection() as again:
+            assert again.info.backend_pid == pid
+    queue.use_pool(None)
+    await queue.aclose()
