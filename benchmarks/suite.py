@@ -6,7 +6,7 @@ Run from the repository root (the peers are optional; missing ones are skipped):
         [--systems pgoutbox,yardstick,pgqueuer-asyncpg,pgqueuer-psycopg,procrastinate]
         [--scenarios single,notify,bulk,drain,idle,load,backlog]
         [--dsn DSN] [--write-results] [--json PATH] [--peers-from PATH]
-        [--py-spy DIR]
+        [--load-rate JOBS_PER_S] [--py-spy DIR]
 
 ``--dsn`` (default ``$PGOUTBOX_BENCH_DSN``, else a local ``postgres`` database)
 is only an admin connection: every measurement runs in a database of its own,
@@ -24,9 +24,10 @@ single
 notify
     16 concurrent producers with and without the NOTIFY each enqueue sends
     (NOTIFY takes a cluster-wide lock at commit). pgoutbox and the yardstick
-    skip it on the producer side (pgoutbox: a 1 µs delay takes its insert path
-    without ``pg_notify``); pgqueuer and procrastinate, which NOTIFY from a
-    trigger, have the trigger disabled.
+    skip it on the producer side (pgoutbox: ``Queue(notify=False)``, or on
+    older trees a 1 µs delay, which takes its insert path without
+    ``pg_notify``); pgqueuer and procrastinate, which NOTIFY from a trigger,
+    have the trigger disabled.
 bulk
     100k jobs enqueued in batches of 1,000, one transaction per batch, with
     each system's bulk API.
@@ -68,6 +69,7 @@ import json
 import os
 import platform
 import secrets
+import signal
 import statistics
 import subprocess
 import sys
@@ -185,6 +187,7 @@ class Options:
     write_results: bool
     json_path: str | None
     peers_from: str | None
+    load_rate: float | None
     log_dir: str
     profile_dir: str | None
 
@@ -652,10 +655,14 @@ async def scenario_load(opts: Options, results: Results, name: str) -> None:
     # One rate for all: half of the reference system's capacity (pgoutbox's);
     # a system that cannot take twice that gets half of its own, marked.
     reference = "pgoutbox" if "pgoutbox" in opts.systems else opts.systems[0]
-    common = await capacity(opts, results, reference)
-    own = await capacity(opts, results, name)
-    rate = LOAD_FRACTION * min(common, own)
     note = None
+    common = own = 0.0
+    if opts.load_rate is not None:
+        rate = opts.load_rate
+    else:
+        common = await capacity(opts, results, reference)
+        own = await capacity(opts, results, name)
+        rate = LOAD_FRACTION * min(common, own)
     if own < common:
         note = "own"
         results.footnotes["own"] = (
@@ -986,6 +993,14 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "--write-results", action="store_true", help=f"also write Markdown to {RESULTS_PATH}"
     )
     parser.add_argument(
+        "--load-rate",
+        type=float,
+        default=None,
+        metavar="JOBS_PER_S",
+        help="offer this rate to every system in the load scenario (default: half of "
+        "pgoutbox's 1-process drain capacity)",
+    )
+    parser.add_argument(
         "--json",
         metavar="PATH",
         default=None,
@@ -1029,6 +1044,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         write_results=ns.write_results,
         json_path=ns.json or (str(JSON_PATH) if ns.write_results else None),
         peers_from=ns.peers_from,
+        load_rate=ns.load_rate,
         log_dir="",
         profile_dir=str(Path(ns.py_spy).resolve()) if ns.py_spy else None,
     )
@@ -1059,6 +1075,35 @@ class Outcome:
 
 
 async def run_suite(opts: Options) -> Outcome:
+    """Run the suite; on SIGINT/SIGTERM cancel it cleanly and raise KeyboardInterrupt.
+
+    The signals are taken over so that the cancellation is anyio's: the
+    shielded clean-ups (stopping worker processes, dropping databases) then
+    run to the end and the cancellation still stops the suite.
+    """
+    interrupted = False
+    outcome: Outcome | None = None
+    async with anyio.create_task_group() as tg:
+
+        async def watch_signals() -> None:
+            nonlocal interrupted
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    interrupted = True
+                    log("interrupted: stopping workers and dropping databases")
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(watch_signals)
+        outcome = await measure_all(opts)
+        tg.cancel_scope.cancel()
+    if interrupted or outcome is None:
+        raise KeyboardInterrupt
+    return outcome
+
+
+async def measure_all(opts: Options) -> Outcome:
+    """Every selected scenario, run after run, system after system."""
     started = perf_counter()
     facts = await machine_facts(opts.dsn)
     log(facts)

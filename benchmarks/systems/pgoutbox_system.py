@@ -10,6 +10,7 @@ on the 2-core benchmark machine (uvloop made no difference either); 50 is kept.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -26,14 +27,18 @@ CONCURRENCY: Final = 50
 """Jobs a worker runs at once (and claims per fetch at most)."""
 
 NO_NOTIFY_DELAY: Final = 1e-6
-"""A delay this small writes the same row but takes the no-NOTIFY insert path."""
+"""Without ``Queue(notify=False)`` (older trees): a delay this small writes the
+same row but takes the insert path without NOTIFY."""
 
 
 def make_queue(
-    dsn: str, probe: Probe | None = None
+    dsn: str, probe: Probe | None = None, *, notify: bool = True
 ) -> tuple[pgoutbox.Queue, pgoutbox.Task[Any, Any]]:
     """The queue, with the no-op task registered (reporting to `probe` if given)."""
-    queue = pgoutbox.Queue(dsn, schema=SCHEMA)
+    if notify or "notify" not in inspect.signature(pgoutbox.Queue).parameters:
+        queue = pgoutbox.Queue(dsn, schema=SCHEMA)
+    else:
+        queue = pgoutbox.Queue(dsn, schema=SCHEMA, notify=False)
 
     async def noop(i: int) -> None:
         if probe is not None:
@@ -94,9 +99,9 @@ class PgoutboxSystem(System):
             await queue.migrate()
 
     async def open_producer(self) -> Producer:
-        queue, task = make_queue(self.dsn)
-        if not self.notify:
-            # Same table, same row; a (tiny) delay takes the insert path without pg_notify.
+        queue, task = make_queue(self.dsn, notify=self.notify)
+        if not self.notify and not hasattr(queue, "notify"):
+            # Before Queue(notify=False): a tiny delay takes the insert path without NOTIFY.
             task = task.options(delay=NO_NOTIFY_DELAY)
         conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
         return PgoutboxProducer(conn, queue, task)
