@@ -36,6 +36,7 @@ class Slots:
         self.size = size
         self.used = 0
         self._changed = anyio.Event()
+        self._waiters = 0  # a release replaces the event only if someone waits on it
 
     @property
     def free(self) -> int:
@@ -46,16 +47,24 @@ class Slots:
 
     def release(self) -> None:
         self.used -= 1
-        self._changed.set()
-        self._changed = anyio.Event()
+        if self._waiters:
+            self._changed.set()
+            self._changed = anyio.Event()
 
     async def wait_free(self, minimum: int = 1) -> None:
         while self.free < minimum:
-            await self._changed.wait()
+            await self._wait_change()
 
     async def wait_empty(self) -> None:
         while self.used:
+            await self._wait_change()
+
+    async def _wait_change(self) -> None:
+        self._waiters += 1
+        try:
             await self._changed.wait()
+        finally:
+            self._waiters -= 1
 
 
 class Producer:
