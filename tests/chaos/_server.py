@@ -37,6 +37,8 @@ from typing import Any, Final, Self, TypeAlias
 
 import psycopg
 
+from .._postgres import pid_alive, stop_postmaster
+
 __all__ = ["EmergencyStop", "OwnedServer", "ServerUnavailableError", "owned_server"]
 
 BIN_ENV: Final = "PGOUTBOX_CHAOS_PG_BIN"
@@ -181,47 +183,6 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _command_line(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _kill_postmaster(pgdata: Path, *, timeout: float = 10.0) -> None:
-    """Immediate shutdown of the postmaster of `pgdata`, if one runs (signal-safe, no pg_ctl).
-
-    The PID in ``postmaster.pid`` is signalled only if its command line names
-    `pgdata`: PIDs get reused, and the machine may run other servers.
-    """
-    pidfile = pgdata / "postmaster.pid"
-    try:
-        pid = int(pidfile.read_text().split("\n", 1)[0])
-    except (OSError, ValueError):
-        return
-    cmdline = _command_line(pid)
-    if cmdline is None or str(pgdata) not in cmdline:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGQUIT)  # immediate shutdown: children exit at once
-    deadline = time.monotonic() + timeout
-    while _pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if _pid_alive(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
 def _reap_orphans(root: Path) -> None:
     """Stop and remove servers left by chaos runs whose process was SIGKILLed."""
     for base in root.glob(f"{_PREFIX}*"):
@@ -229,10 +190,10 @@ def _reap_orphans(root: Path) -> None:
             owner = int((base / "owner").read_text())
         except (OSError, ValueError):
             continue
-        if owner == os.getpid() or _pid_alive(owner):
+        if owner == os.getpid() or pid_alive(owner):
             continue
         _log.warning("removing the chaos server of dead process %d: %s", owner, base)
-        _kill_postmaster(base / "data")
+        stop_postmaster(base / "data", signum=signal.SIGQUIT)
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -322,7 +283,7 @@ class OwnedServer:
 
     def kill(self) -> None:
         """Stop the server without pg_ctl (safe in a signal handler)."""
-        _kill_postmaster(self.data)
+        stop_postmaster(self.data, signum=signal.SIGQUIT)
 
     def dsn(self, dbname: str = "postgres", *, port: int | None = None, **params: Any) -> str:
         """A libpq connection string for this server (or for a proxy in front of it)."""

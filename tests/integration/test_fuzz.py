@@ -25,7 +25,7 @@ from typing import Any, Final, TypeVar
 
 import msgspec
 import pytest
-from anyio.from_thread import BlockingPortal, start_blocking_portal
+from anyio.from_thread import BlockingPortal
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from psycopg import pq, sql
@@ -115,18 +115,14 @@ async def _close(env: _Env) -> None:
         await env.queue.aclose()
 
 
-@pytest.fixture(
-    scope="module",
-    params=[pytest.param("asyncio", id="asyncio"), pytest.param("trio", id="trio")],
-)
-def env(request: pytest.FixtureRequest, database_dsn: str) -> Iterator[_Env]:
+@pytest.fixture(scope="module")
+def env(blocking_portal: BlockingPortal, database_dsn: str) -> Iterator[_Env]:
     """A migrated queue with one task per handler shape, on one backend."""
-    with start_blocking_portal(str(request.param)) as portal:
-        opened = portal.call(_open, portal, database_dsn)
-        try:
-            yield opened
-        finally:
-            portal.call(_close, opened)
+    opened = blocking_portal.call(_open, blocking_portal, database_dsn)
+    try:
+        yield opened
+    finally:
+        blocking_portal.call(_close, opened)
 
 
 async def _rows(env: _Env, query: str, *params: object) -> list[tuple[Any, ...]]:

@@ -42,7 +42,7 @@ from typing import Any, Final, LiteralString, TypeVar
 import anyio
 import msgspec
 import pytest
-from anyio.from_thread import BlockingPortal, start_blocking_portal
+from anyio.from_thread import BlockingPortal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -231,18 +231,14 @@ async def _claim_concurrently(db: _Db, limits: Sequence[int]) -> list[list[Claim
     return claimed
 
 
-@pytest.fixture(
-    scope="module",
-    params=[pytest.param("asyncio", id="asyncio"), pytest.param("trio", id="trio")],
-)
-def db(request: pytest.FixtureRequest, database_dsn: str) -> Iterator[_Db]:
+@pytest.fixture(scope="module")
+def db(blocking_portal: BlockingPortal, database_dsn: str) -> Iterator[_Db]:
     """A migrated schema for this module on one backend, dropped at the end."""
-    with start_blocking_portal(str(request.param)) as portal:
-        opened = portal.call(_open, portal, database_dsn)
-        try:
-            yield opened
-        finally:
-            portal.call(_close, opened)
+    opened = blocking_portal.call(_open, blocking_portal, database_dsn)
+    try:
+        yield opened
+    finally:
+        blocking_portal.call(_close, opened)
 
 
 # -- the model -----------------------------------------------------------------
