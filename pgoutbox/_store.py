@@ -29,6 +29,7 @@ from ._sql import Statements, load_migrations
 
 __all__ = [
     "job_cancel_waiting",
+    "job_claim",
     "job_complete_fenced",
     "job_count_unfinished",
     "job_get",
@@ -179,7 +180,7 @@ def job_insert_many_sync(
     return [(row[0], row[1]) for row in cur.fetchall()]
 
 
-async def job_get_available(
+async def job_claim(
     conn: AnyConnection,
     st: Statements,
     *,
@@ -188,18 +189,30 @@ async def job_get_available(
     limit: int,
     worker_id: str,
     claim_id: str,
-) -> list[ClaimedJob]:
-    """Claim up to `limit` due jobs of these queues and tasks, marked with `claim_id`."""
+    completed: Sequence[Outcome] = (),
+    commit_mode: str | None = None,
+) -> tuple[list[ClaimedJob], set[int]]:
+    """Claim up to `limit` due jobs of these queues and tasks, marked with `claim_id`,
+    and complete the `completed` attempts (fenced) in the same statement.
+
+    Returns the claimed jobs and the ids of the attempts completed. `commit_mode`
+    is this statement's ``synchronous_commit`` (None keeps the session's).
+    """
     cur = await conn.execute(
         st.job_get_available,
         {
+            "done_ids": [o.id for o in completed],
+            "done_attempts": [o.attempt for o in completed],
             "queues": list(queues),
             "tasks": list(tasks),
             "limit": limit,
             "worker_id": worker_id,
             "claim_id": claim_id,
+            "commit_mode": commit_mode,
         },
     )
+    rows = await cur.fetchall()
+    written: list[int] = rows[-1][9]
     return [
         ClaimedJob(
             id=r[0],
@@ -212,8 +225,25 @@ async def job_get_available(
             created_at=r[7],
             headers=r[8],
         )
-        for r in await cur.fetchall()
-    ]
+        for r in rows[:-1]
+    ], set(written)
+
+
+async def job_get_available(
+    conn: AnyConnection,
+    st: Statements,
+    *,
+    queues: Sequence[str],
+    tasks: Sequence[str],
+    limit: int,
+    worker_id: str,
+    claim_id: str,
+) -> list[ClaimedJob]:
+    """Claim up to `limit` due jobs of these queues and tasks, marked with `claim_id`."""
+    claimed, _ = await job_claim(
+        conn, st, queues=queues, tasks=tasks, limit=limit, worker_id=worker_id, claim_id=claim_id
+    )
+    return claimed
 
 
 async def job_release_claim(
@@ -234,22 +264,33 @@ async def job_get_next_due(
 
 
 async def job_set_outcome_many(
-    conn: AnyConnection, st: Statements, outcomes: Sequence[Outcome]
+    conn: AnyConnection,
+    st: Statements,
+    outcomes: Sequence[Outcome],
+    *,
+    commit_mode: str | None = None,
 ) -> set[int]:
     """Write many outcomes in one statement, fenced by attempt; return the ids written.
 
     A job is only written while it is still ``running`` under the same attempt,
     so a worker that lost a job can never overwrite a newer attempt.
+    `commit_mode` is this statement's ``synchronous_commit`` (None keeps the
+    session's).
     """
     if all(o.state is JobState.COMPLETED for o in outcomes):
         cur = await conn.execute(
             st.job_complete_many,
-            {"ids": [o.id for o in outcomes], "attempts": [o.attempt for o in outcomes]},
+            {
+                "ids": [o.id for o in outcomes],
+                "attempts": [o.attempt for o in outcomes],
+                "commit_mode": commit_mode,
+            },
         )
         return {row[0] for row in await cur.fetchall()}
     cur = await conn.execute(
         st.job_set_outcome_many,
         {
+            "commit_mode": commit_mode,
             "ids": [o.id for o in outcomes],
             "attempts": [o.attempt for o in outcomes],
             "states": [o.state.value for o in outcomes],

@@ -62,9 +62,22 @@ WITH jobs AS (
 SELECT id, run_at, (SELECT count(*) FROM notified) FROM jobs ORDER BY id
 
 -- name: job_get_available
+-- Claim up to `limit` due jobs into the worker's free slots and, in the same
+-- statement (one round trip, one commit), complete the attempts listed in
+-- done_ids/done_attempts, fenced like job_complete_many. The claimed jobs come
+-- first; one last row carries only the ids of the attempts completed.
 -- One index scan per queue (a plain `queue = q.name` keeps jobs_fetch_idx in
 -- order; `queue = ANY(...)` would scan and sort every waiting row).
-WITH next AS (
+WITH done AS (
+    UPDATE {schema}.jobs AS j
+    SET state = 'completed', finished_at = now(), worker_id = NULL, cancel_requested_at = NULL
+    FROM unnest(%(done_ids)s::bigint[], %(done_attempts)s::integer[]) AS o(id, attempt)
+    -- state::text, here and in the other fenced writes: compared as an enum,
+    -- the planner may walk jobs_running_idx for every id instead of looking
+    -- each id up in the primary key.
+    WHERE j.id = o.id AND j.attempt = o.attempt AND j.state::text = 'running'
+    RETURNING j.id
+), next AS (
     SELECT candidate.id
     FROM unnest(%(queues)s::text[]) AS q(name)
     CROSS JOIN LATERAL (
@@ -80,17 +93,30 @@ WITH next AS (
     ) AS candidate
     ORDER BY candidate.priority DESC, candidate.run_at, candidate.id
     LIMIT %(limit)s
+), claimed AS (
+    UPDATE {schema}.jobs AS j
+    SET state = 'running',
+        attempt = j.attempt + 1,
+        attempted_at = now(),
+        worker_id = %(worker_id)s,
+        claim_id = %(claim_id)s
+    FROM next
+    WHERE j.id = next.id
+    RETURNING j.id, j.queue, j.task, j.args::text, j.priority, j.attempt, j.max_attempts,
+              j.created_at, j.headers::text
 )
-UPDATE {schema}.jobs AS j
-SET state = 'running',
-    attempt = j.attempt + 1,
-    attempted_at = now(),
-    worker_id = %(worker_id)s,
-    claim_id = %(claim_id)s
-FROM next
-WHERE j.id = next.id
-RETURNING j.id, j.queue, j.task, j.args::text, j.priority, j.attempt, j.max_attempts,
-          j.created_at, j.headers::text
+SELECT id, queue, task, args, priority, attempt, max_attempts, created_at, headers,
+       NULL::bigint[]
+FROM claimed
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, array(SELECT id FROM done)
+-- The worker's own writes may commit without waiting for the WAL flush (see
+-- Worker.synchronous_commit); a NULL keeps the session's setting. set_config
+-- with is_local = true lasts only for this statement's transaction.
+FROM (
+    SELECT set_config('synchronous_commit',
+                      coalesce(%(commit_mode)s, current_setting('synchronous_commit')), true)
+) AS commit_mode
 
 -- name: job_release_claim
 -- Give back the jobs of a fetch whose reply never arrived: they never ran, so
@@ -117,6 +143,11 @@ WHERE state IN ('scheduled', 'retryable')
 
 -- name: job_set_outcome_many
 -- A job whose cancel was requested ends `cancelled` instead of waiting again.
+-- commit_mode and state::text: as in job_get_available.
+WITH commit_mode AS MATERIALIZED (
+    SELECT set_config('synchronous_commit',
+                      coalesce(%(commit_mode)s, current_setting('synchronous_commit')), true)
+)
 UPDATE {schema}.jobs AS j
 SET state = CASE WHEN j.cancel_requested_at IS NOT NULL
                       AND o.state IN ('available', 'retryable', 'scheduled')
@@ -132,16 +163,20 @@ SET state = CASE WHEN j.cancel_requested_at IS NOT NULL
 FROM unnest(
     %(ids)s::bigint[], %(attempts)s::integer[], %(states)s::text[],
     %(delays)s::float8[], %(errors)s::jsonb[], %(extra_attempts)s::integer[]
-) AS o(id, attempt, state, delay, error, extra_attempts)
-WHERE j.id = o.id AND j.attempt = o.attempt AND j.state = 'running'
+) AS o(id, attempt, state, delay, error, extra_attempts), commit_mode
+WHERE j.id = o.id AND j.attempt = o.attempt AND j.state::text = 'running'
 RETURNING j.id
 
 -- name: job_complete_many
 -- The common case of job_set_outcome_many: attempts that completed.
+WITH commit_mode AS MATERIALIZED (
+    SELECT set_config('synchronous_commit',
+                      coalesce(%(commit_mode)s, current_setting('synchronous_commit')), true)
+)
 UPDATE {schema}.jobs AS j
 SET state = 'completed', finished_at = now(), worker_id = NULL, cancel_requested_at = NULL
-FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS o(id, attempt)
-WHERE j.id = o.id AND j.attempt = o.attempt AND j.state = 'running'
+FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS o(id, attempt), commit_mode
+WHERE j.id = o.id AND j.attempt = o.attempt AND j.state::text = 'running'
 RETURNING j.id
 
 -- name: job_get

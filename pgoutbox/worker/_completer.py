@@ -4,38 +4,47 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection, Sequence
 from typing import Final
 
 import anyio
 import psycopg
 from anyio.abc import TaskStatus
-from anyio.streams.memory import MemoryObjectSendStream
 
 from .. import _store
-from .._job import Outcome
+from .._job import JobState, Outcome
 from .._sql import Statements
 from ..instrumentation import Instrumentation
 from ._link import Link
 
-__all__ = ["MAX_BATCH", "Completer"]
+__all__ = ["LINGER", "MAX_BATCH", "Completer"]
 
 logger = logging.getLogger("pgoutbox.worker")
 
 MAX_BATCH: Final = 1000
 """Outcomes written in one statement at most."""
 
+LINGER: Final = 0.02
+"""Seconds completions may wait for the producer's next fetch to carry them."""
+
 WRITE_TIMEOUT: Final = 30.0
 """Seconds a batch write may take before the connection is deemed dead (then retried)."""
 
 
 class Completer:
-    """Collects outcomes from executors and writes each batch in one fenced statement.
+    """Collects outcomes from executors and writes them in batches, fenced by attempt.
 
-    A batch is whatever has queued up while the previous one was being
-    written, so under load it grows and at rest a single outcome goes out at
-    once. The stream's buffer gives backpressure: executors wait when it is
-    full. A failed write is retried on a new connection (writes are fenced by
-    attempt, so a retry after an unknown commit is harmless).
+    Completions usually leave with the producer's next fetch: one statement
+    and one commit for both (`take_completions`). While the producer says it
+    will fetch again soon (`expect_fetch`), completions wait for it, up to
+    `LINGER` seconds; everything else (failures, retries, or completions when
+    no fetch is coming) is written at once, in one statement per batch. A
+    batch is whatever queued up while the previous write ran, so under load it
+    grows and at rest one outcome goes out alone.
+
+    At most `capacity` outcomes wait: executors then wait in `put`
+    (backpressure). A failed write is retried on a new connection: writes are
+    fenced by attempt, so a retry after an unknown commit is harmless.
     """
 
     def __init__(
@@ -43,59 +52,110 @@ class Completer:
         link: Link,
         statements: Statements,
         *,
-        buffer: int,
+        capacity: int,
+        commit_mode: str | None = None,
         instrumentation: Instrumentation | None = None,
     ) -> None:
         self._link = link
-        self._instrumentation = instrumentation
         self._statements = statements
-        self._send, self._receive = anyio.create_memory_object_stream[Outcome](buffer)
+        self._capacity = capacity
+        self._flush_at = min(capacity, MAX_BATCH)
+        self._commit_mode = commit_mode
+        self._instrumentation = instrumentation
+        self._pending: list[Outcome] = []
+        self._others = 0  # pending outcomes that are not completions: written at once
+        self._oldest = 0.0  # when the pending list last became non-empty
+        self._closed = False
+        self._expect_fetch = False
+        # The writer's wake-up: set only when it must act (not on every outcome).
+        self._attention = anyio.Event()
+        self._space = anyio.Event()
+        self._space_waiters = 0
 
     @property
-    def sender(self) -> MemoryObjectSendStream[Outcome]:
-        """Where executors send outcomes; closing it (all clones) ends `run`."""
-        return self._send
+    def pending(self) -> int:
+        """Outcomes waiting to be written."""
+        return len(self._pending)
 
-    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Write outcomes until the send side is closed and everything is written."""
-        task_status.started()
-        async for first in self._receive:
-            batch = [first]
-            while len(batch) < MAX_BATCH:
-                try:
-                    batch.append(self._receive.receive_nowait())
-                except (anyio.WouldBlock, anyio.EndOfStream):
-                    break
-            await self._write(batch)
+    @property
+    def expect_fetch(self) -> bool:
+        """Whether the producer will fetch again soon (and take the completions along)."""
+        return self._expect_fetch
 
-    def take_pending(self) -> list[Outcome]:
-        """Take every outcome not yet written and close the stream (after `run` ended)."""
-        left: list[Outcome] = []
-        self._send.close()
-        with self._receive:
-            while True:
-                try:
-                    left.append(self._receive.receive_nowait())
-                except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-                    return left
+    @expect_fetch.setter
+    def expect_fetch(self, value: bool) -> None:
+        if self._expect_fetch and not value:
+            self._attention.set()
+        self._expect_fetch = value
 
-    async def _write(self, batch: list[Outcome]) -> None:
-        while True:
-            conn = await self._link.get()
-            started = time.monotonic()
+    def put_nowait(self, outcome: Outcome) -> bool:
+        """Queue `outcome` unless `capacity` outcomes already wait; False if full."""
+        if len(self._pending) >= self._capacity:
+            return False
+        self._add(outcome)
+        return True
+
+    def put_anyway(self, outcome: Outcome) -> None:
+        """Queue `outcome` even beyond `capacity` (for interrupted attempts at shutdown)."""
+        self._add(outcome)
+
+    async def put(self, outcome: Outcome) -> None:
+        """Queue `outcome`, waiting while `capacity` outcomes wait (backpressure)."""
+        while len(self._pending) >= self._capacity:
+            self._space_waiters += 1
             try:
-                with anyio.fail_after(WRITE_TIMEOUT):
-                    written = await _store.job_set_outcome_many(conn, self._statements, batch)
-            except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as ex:
-                await self._link.failed(conn, ex)
-                continue
-            self._link.succeeded()
-            if self._instrumentation is not None:
-                self._instrumentation.outcomes_written(len(batch), time.monotonic() - started)
-            break
-        if len(written) < len(batch):
+                await self._space.wait()
+            finally:
+                self._space_waiters -= 1
+        self._add(outcome)
+
+    def _add(self, outcome: Outcome) -> None:
+        if not self._pending:
+            self._oldest = time.monotonic()
+            self._attention.set()
+        self._pending.append(outcome)
+        if outcome.state is not JobState.COMPLETED:
+            self._others += 1
+            self._attention.set()
+        elif len(self._pending) >= self._flush_at:
+            self._attention.set()
+
+    def _removed(self) -> None:
+        if not self._pending:
+            self._oldest = 0.0
+        if self._space_waiters:
+            self._space.set()
+            self._space = anyio.Event()
+
+    def take_completions(self) -> list[Outcome]:
+        """Take the waiting completions (at most `MAX_BATCH`), to write with a fetch."""
+        if self._others:
+            taken = [o for o in self._pending if o.state is JobState.COMPLETED][:MAX_BATCH]
+            kept = set(map(id, taken))
+            self._pending = [o for o in self._pending if id(o) not in kept]
+        else:
+            taken = self._pending[:MAX_BATCH]
+            del self._pending[:MAX_BATCH]
+        if taken:
+            self._oldest = time.monotonic() if self._pending else 0.0
+            self._removed()
+        return taken
+
+    def give_back(self, outcomes: Sequence[Outcome]) -> None:
+        """Return outcomes taken by `take_completions` whose write failed: written next."""
+        if outcomes:
+            if not self._pending:
+                self._oldest = time.monotonic()
+            self._pending[:0] = outcomes
+            self._attention.set()
+
+    def written(self, batch: Sequence[Outcome], ids: Collection[int], duration: float) -> None:
+        """Account for a written `batch` (`ids`: the ones the fence let through)."""
+        if self._instrumentation is not None:
+            self._instrumentation.outcomes_written(len(batch), duration)
+        if len(ids) < len(batch):
             for outcome in batch:
-                if outcome.id not in written:
+                if outcome.id not in ids:
                     logger.warning(
                         "outcome of job %s attempt %s not written: the job is no longer "
                         "running under that attempt",
@@ -108,6 +168,69 @@ class Completer:
                             "state": outcome.state.value,
                         },
                     )
+
+    def close(self) -> None:
+        """No more outcomes will come: `run` writes what waits and returns."""
+        self._closed = True
+        self._attention.set()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Write outcomes until `close` is called and everything is written."""
+        task_status.started()
+        while True:
+            if not self._pending:
+                if self._closed:
+                    return
+                await self._wait()
+                continue
+            if self._should_linger():
+                with anyio.move_on_after(self._oldest + LINGER - time.monotonic()):
+                    await self._wait()
+                continue
+            batch = self._pending[:MAX_BATCH]
+            del self._pending[:MAX_BATCH]
+            self._others -= sum(1 for o in batch if o.state is not JobState.COMPLETED)
+            self._oldest = time.monotonic() if self._pending else 0.0
+            self._removed()
+            await self._write(batch)
+
+    def _should_linger(self) -> bool:
+        """Whether waiting completions should wait for the producer's fetch a little longer."""
+        return (
+            self._expect_fetch
+            and not self._closed
+            and not self._others
+            and len(self._pending) < self._flush_at
+            and time.monotonic() < self._oldest + LINGER
+        )
+
+    async def _wait(self) -> None:
+        self._attention = anyio.Event()
+        await self._attention.wait()
+
+    def take_pending(self) -> list[Outcome]:
+        """Take every outcome not yet written (after `run` ended) and close."""
+        self._closed = True
+        left, self._pending = self._pending, []
+        self._others = 0
+        self._removed()
+        return left
+
+    async def _write(self, batch: list[Outcome]) -> None:
+        while True:
+            conn = await self._link.get()
+            started = time.monotonic()
+            try:
+                with anyio.fail_after(WRITE_TIMEOUT):
+                    written = await _store.job_set_outcome_many(
+                        conn, self._statements, batch, commit_mode=self._commit_mode
+                    )
+            except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as ex:
+                await self._link.failed(conn, ex)
+                continue
+            self._link.succeeded()
+            break
+        self.written(batch, written, time.monotonic() - started)
 
     async def write_now(self, batch: list[Outcome]) -> None:
         """Write `batch` directly (used for the bounded final flush)."""

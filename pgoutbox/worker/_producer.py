@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
@@ -15,10 +16,11 @@ from .. import _store
 from .._connection import Connection
 from .._job import ClaimedJob
 from .._queue import Queue
+from ._completer import Completer
 from ._link import Link
 from ._wakeup import Wakeup
 
-__all__ = ["FETCH_DEBOUNCE", "FETCH_TIMEOUT", "Producer", "Slots"]
+__all__ = ["FETCH_DEBOUNCE", "FETCH_TIMEOUT", "Feed", "Producer", "Slots"]
 
 logger = logging.getLogger("pgoutbox.worker")
 
@@ -30,13 +32,14 @@ FETCH_DEBOUNCE: Final = 0.005
 
 
 class Slots:
-    """Counts running jobs against the concurrency limit and wakes waiters on change."""
+    """Counts running jobs against the concurrency limit and wakes a waiter when
+    enough slots are free for it (not on every release)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.used = 0
         self._changed = anyio.Event()
-        self._waiters = 0  # a release replaces the event only if someone waits on it
+        self._wanted = 0  # free slots the current waiter needs; 0: nobody waits
 
     @property
     def free(self) -> int:
@@ -47,24 +50,50 @@ class Slots:
 
     def release(self) -> None:
         self.used -= 1
-        if self._waiters:
+        if self._wanted and self.size - self.used >= self._wanted:
+            self._wanted = 0
             self._changed.set()
             self._changed = anyio.Event()
 
     async def wait_free(self, minimum: int = 1) -> None:
+        """Wait until at least `minimum` slots are free (one waiter at a time)."""
+        minimum = min(minimum, self.size)
         while self.free < minimum:
-            await self._wait_change()
+            self._wanted = minimum
+            try:
+                await self._changed.wait()
+            finally:
+                self._wanted = 0
 
     async def wait_empty(self) -> None:
-        while self.used:
-            await self._wait_change()
+        await self.wait_free(self.size)
 
-    async def _wait_change(self) -> None:
-        self._waiters += 1
-        try:
-            await self._changed.wait()
-        finally:
-            self._waiters -= 1
+
+class Feed:
+    """Hands claimed jobs to idle executors: a queue of jobs and one shared wake-up,
+    so a batch of jobs costs one event, not one per job."""
+
+    def __init__(self) -> None:
+        self._jobs: deque[ClaimedJob] = deque()
+        self._ready = anyio.Event()
+        self._waiting = 0
+
+    def put(self, job: ClaimedJob) -> None:
+        self._jobs.append(job)
+        if self._waiting:
+            self._ready.set()
+
+    async def get(self) -> ClaimedJob:
+        """The next job, waiting for one if none is queued."""
+        while not self._jobs:
+            if self._ready.is_set():
+                self._ready = anyio.Event()
+            self._waiting += 1
+            try:
+                await self._ready.wait()
+            finally:
+                self._waiting -= 1
+        return self._jobs.popleft()
 
 
 class Producer:
@@ -74,8 +103,11 @@ class Producer:
     a wake-up (NOTIFY), the next known delayed job, or `poll_interval`. Each
     fetch is one statement claiming at most the free slots, shielded from
     cancellation and bounded by `FETCH_TIMEOUT`; claimed jobs are handed over
-    before anything else may fail. On a connection error it drops the
-    connection (the link backs off before reconnecting) and tries again.
+    before anything else may fail. The same statement completes the attempts
+    waiting in the completer, so under a backlog a job costs one round trip
+    and one commit, shared with the rest of its batch. On a connection error
+    it drops the connection (the link backs off before reconnecting) and
+    tries again.
     """
 
     def __init__(
@@ -89,6 +121,8 @@ class Producer:
         slots: Slots,
         wakeup: Wakeup,
         poll_interval: float,
+        completer: Completer,
+        commit_mode: str | None = None,
     ) -> None:
         self._link = link
         self._queue = queue
@@ -98,6 +132,8 @@ class Producer:
         self._slots = slots
         self._wakeup = wakeup
         self._poll_interval = poll_interval
+        self._completer = completer
+        self._commit_mode = commit_mode
         self._unconfirmed: list[str] = []  # claim ids of fetches whose reply was lost
         self.fetches = 0
         """Fetch statements run."""
@@ -106,6 +142,12 @@ class Producer:
 
     async def run(self, start_job: Callable[[ClaimedJob], None]) -> None:
         """Claim jobs and pass each to `start_job` (which must not block) until cancelled."""
+        try:
+            await self._run(start_job)
+        finally:
+            self._completer.expect_fetch = False
+
+    async def _run(self, start_job: Callable[[ClaimedJob], None]) -> None:
         more = True
         next_due: float | None = None
         batch = max(1, self._slots.size // 2)
@@ -131,6 +173,8 @@ class Producer:
                 self._slots.take()
                 start_job(job)
             more = len(claimed) == limit
+            # While fetches come back full, completions wait for the next one.
+            self._completer.expect_fetch = more
             next_due = None if more else await self._next_due()
 
     async def _claim(self, limit: int) -> list[ClaimedJob] | None:
@@ -144,10 +188,11 @@ class Producer:
         if self._unconfirmed and not await self._release_unconfirmed(conn):
             return None
         claim_id = str(uuid.uuid4())
+        completed = self._completer.take_completions()
         started = time.monotonic()
         try:
             with anyio.fail_after(FETCH_TIMEOUT, shield=True):
-                claimed = await _store.job_get_available(
+                claimed, written = await _store.job_claim(
                     conn,
                     self._queue.statements,
                     queues=self._queues,
@@ -155,12 +200,20 @@ class Producer:
                     limit=limit,
                     worker_id=self._worker_id,
                     claim_id=claim_id,
+                    completed=completed,
+                    commit_mode=self._commit_mode,
                 )
         except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as ex:
+            self._completer.give_back(completed)
             self._unconfirmed.append(claim_id)
             await self._link.failed(conn, ex)
             return None
+        except BaseException:
+            self._completer.give_back(completed)
+            raise
         self._link.succeeded()
+        if completed:
+            self._completer.written(completed, written, time.monotonic() - started)
         self.fetches += 1
         self.claimed += len(claimed)
         if self._queue.instrumentation is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
@@ -13,7 +12,6 @@ from typing import Any, Final
 import anyio
 import msgspec
 import psycopg
-from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .. import _store
 from .._connection import Connection
@@ -34,7 +32,7 @@ from ._heartbeat import (
 )
 from ._link import Link
 from ._listener import DEFAULT_PROBE_INTERVAL, Listener
-from ._producer import Producer, Slots
+from ._producer import Feed, Producer, Slots
 from ._wakeup import Wakeup
 
 __all__ = [
@@ -119,6 +117,15 @@ class Worker:
             prepared statements (faster). Turn off behind a pooler in
             transaction mode that cannot keep them (PgBouncer before 1.21, or
             without ``max_prepared_statements``).
+        synchronous_commit: make the worker's own claims and outcome writes
+            wait for their WAL flush. By default they commit with
+            ``synchronous_commit = off`` (set per statement, so nothing leaks
+            to pooled connections): if the database server crashes (not the
+            worker), the last fraction of a second of them may be forgotten,
+            and those jobs run again, as after a worker crash. Jobs are never
+            lost: enqueues commit on your connection, as you configure it.
+            Your handlers' transactions, including
+            `JobContext.transaction`, are not affected.
 
     A worker holds two connections: one for fetching and acknowledging, one
     for LISTEN. It claims only the tasks registered on `queue`, so during a
@@ -140,6 +147,7 @@ class Worker:
         completed_retention: float = DEFAULT_COMPLETED_RETENTION,
         failed_retention: float = DEFAULT_FAILED_RETENTION,
         prepared_statements: bool = True,
+        synchronous_commit: bool = False,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigurationError(f"concurrency must be an integer >= 1, got {concurrency!r}")
@@ -200,8 +208,13 @@ class Worker:
         self._link = Link(
             conninfo, on_failure=self._listener.reset, prepared_statements=prepared_statements
         )
+        commit_mode = None if synchronous_commit else "off"
         self._completer = Completer(
-            self._link, queue.statements, buffer=concurrency, instrumentation=queue.instrumentation
+            self._link,
+            queue.statements,
+            capacity=concurrency,
+            commit_mode=commit_mode,
+            instrumentation=queue.instrumentation,
         )
         self._heartbeat = Heartbeat(
             self._link,
@@ -224,6 +237,8 @@ class Worker:
             slots=self._slots,
             wakeup=self._wakeup,
             poll_interval=poll_interval,
+            completer=self._completer,
+            commit_mode=commit_mode,
         )
         self._producer_scope: anyio.CancelScope | None = None
         self._stopping = False
@@ -288,23 +303,19 @@ class Worker:
                 await services.start(self._heartbeat.run)
                 async with anyio.create_task_group() as acks:
                     await acks.start(self._completer.run)
-                    # One long-lived executor task per slot, fed by the producer through
-                    # a channel: cheaper than a new task (and cancel scope) per job.
-                    claimed, to_run = anyio.create_memory_object_stream[ClaimedJob](
-                        self.concurrency
-                    )
-                    async with (
-                        self._completer.sender,
-                        claimed,
-                        to_run,
-                        anyio.create_task_group() as jobs,
-                    ):
-                        for _ in range(self.concurrency):
-                            jobs.start_soon(self._execute, to_run)
-                        with anyio.CancelScope() as self._producer_scope:
-                            if not self._stopping:
-                                await self._producer.run(claimed.send_nowait)
-                        await self._drain(jobs)
+                    # One long-lived executor task per slot, fed by the producer:
+                    # cheaper than a new task (and cancel scope) per job.
+                    feed = Feed()
+                    try:
+                        async with anyio.create_task_group() as jobs:
+                            for _ in range(self.concurrency):
+                                jobs.start_soon(self._execute, feed)
+                            with anyio.CancelScope() as self._producer_scope:
+                                if not self._stopping:
+                                    await self._producer.run(feed.put)
+                            await self._drain(jobs)
+                    finally:
+                        self._completer.close()
                     acks.cancel_scope.deadline = anyio.current_time() + CLEANUP_TIMEOUT
                 services.cancel_scope.cancel()
         finally:
@@ -343,10 +354,11 @@ class Worker:
                 )
                 scope.cancel()
 
-    async def _execute(self, to_run: MemoryObjectReceiveStream[ClaimedJob]) -> None:
-        """An executor: runs the jobs the producer hands over, one at a time."""
-        async for job in to_run:
-            await self._run_job(job)
+    async def _execute(self, feed: Feed) -> None:
+        """An executor: runs the jobs the producer hands over, one at a time, until
+        cancelled."""
+        while True:
+            await self._run_job(await feed.get())
 
     async def _run_job(self, job: ClaimedJob) -> None:
         key = (job.id, job.attempt)
@@ -357,17 +369,14 @@ class Worker:
                     self._tasks[job.task], job, JobContext(self.queue, job), scope
                 )
             except anyio.get_cancelled_exc_class():
-                # Best effort: if the outcome cannot be queued, unregistering
-                # the worker at cleanup returns the job to the queue all the same.
-                with contextlib.suppress(anyio.WouldBlock, anyio.BrokenResourceError):
-                    self._completer.sender.send_nowait(interrupted(job))
+                # If this outcome is never written, unregistering the worker at
+                # cleanup returns the job to the queue all the same.
+                self._completer.put_anyway(interrupted(job))
                 raise
-            if outcome is not None:
-                try:
-                    self._completer.sender.send_nowait(outcome)
-                except anyio.WouldBlock:  # the completer is behind: wait (backpressure)
-                    with anyio.move_on_after(CLEANUP_TIMEOUT, shield=True):
-                        await self._completer.sender.send(outcome)
+            if outcome is not None and not self._completer.put_nowait(outcome):
+                # The completer is behind: wait (backpressure).
+                with anyio.move_on_after(CLEANUP_TIMEOUT, shield=True):
+                    await self._completer.put(outcome)
         finally:
             del self._cancel_scopes[key]
             self._slots.release()

@@ -436,17 +436,17 @@ async def test_claimed_jobs_run_even_if_the_connection_dies_right_after_the_clai
 async def test_claim_whose_reply_was_lost_is_given_back(
     queue: Queue, conn: pgoutbox.Connection[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = _producer._store.job_get_available
+    real = _producer._store.job_claim
     lost: list[int] = []
 
-    async def claim_then_lose_reply(*args: Any, **kwargs: Any) -> list[Any]:
-        claimed = await real(*args, **kwargs)
+    async def claim_then_lose_reply(*args: Any, **kwargs: Any) -> tuple[list[Any], set[int]]:
+        claimed, written = await real(*args, **kwargs)
         if claimed and not lost:
             lost.extend(job.id for job in claimed)
             raise psycopg.OperationalError("reply lost (simulated)")
-        return claimed
+        return claimed, written
 
-    monkeypatch.setattr(_producer._store, "job_get_available", claim_then_lose_reply)
+    monkeypatch.setattr(_producer._store, "job_claim", claim_then_lose_reply)
     seen = Recorder()
 
     @queue.task
