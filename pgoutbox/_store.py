@@ -190,19 +190,22 @@ async def job_claim(
     worker_id: str,
     claim_id: str,
     completed: Sequence[Outcome] = (),
+    keep_completed: bool = True,
     commit_mode: str | None = None,
 ) -> tuple[list[ClaimedJob], set[int]]:
     """Claim up to `limit` due jobs of these queues and tasks, marked with `claim_id`,
     and complete the `completed` attempts (fenced) in the same statement.
 
-    Returns the claimed jobs and the ids of the attempts completed. `commit_mode`
-    is this statement's ``synchronous_commit`` (None keeps the session's).
+    Returns the claimed jobs and the ids of the attempts completed (kept as
+    ``completed``, or deleted unless `keep_completed`). `commit_mode` is this
+    statement's ``synchronous_commit`` (None keeps the session's).
     """
     cur = await conn.execute(
         st.job_get_available,
         {
             "done_ids": [o.id for o in completed],
             "done_attempts": [o.attempt for o in completed],
+            "keep_completed": keep_completed,
             "queues": list(queues),
             "tasks": list(tasks),
             "limit": limit,
@@ -268,25 +271,33 @@ async def job_set_outcome_many(
     st: Statements,
     outcomes: Sequence[Outcome],
     *,
+    keep_completed: bool = True,
     commit_mode: str | None = None,
 ) -> set[int]:
     """Write many outcomes in one statement, fenced by attempt; return the ids written.
 
     A job is only written while it is still ``running`` under the same attempt,
     so a worker that lost a job can never overwrite a newer attempt.
-    `commit_mode` is this statement's ``synchronous_commit`` (None keeps the
-    session's).
+    Completed attempts are deleted unless `keep_completed` (then a batch that
+    mixes them with other outcomes takes two statements). `commit_mode` is
+    this statement's ``synchronous_commit`` (None keeps the session's).
     """
-    if all(o.state is JobState.COMPLETED for o in outcomes):
+    completions = [o for o in outcomes if o.state is JobState.COMPLETED]
+    written: set[int] = set()
+    if completions and (len(completions) == len(outcomes) or not keep_completed):
         cur = await conn.execute(
             st.job_complete_many,
             {
-                "ids": [o.id for o in outcomes],
-                "attempts": [o.attempt for o in outcomes],
+                "ids": [o.id for o in completions],
+                "attempts": [o.attempt for o in completions],
+                "keep_completed": keep_completed,
                 "commit_mode": commit_mode,
             },
         )
-        return {row[0] for row in await cur.fetchall()}
+        written.update(row[0] for row in await cur.fetchall())
+        if len(completions) == len(outcomes):
+            return written
+        outcomes = [o for o in outcomes if o.state is not JobState.COMPLETED]
     cur = await conn.execute(
         st.job_set_outcome_many,
         {
@@ -299,7 +310,8 @@ async def job_set_outcome_many(
             "extra_attempts": [o.extra_attempts for o in outcomes],
         },
     )
-    return {row[0] for row in await cur.fetchall()}
+    written.update(row[0] for row in await cur.fetchall())
+    return written
 
 
 async def job_get(conn: AnyConnection, st: Statements, job_id: int) -> JobRecord | None:

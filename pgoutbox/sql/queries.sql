@@ -64,18 +64,26 @@ SELECT id, run_at, (SELECT count(*) FROM notified) FROM jobs ORDER BY id
 -- name: job_get_available
 -- Claim up to `limit` due jobs into the worker's free slots and, in the same
 -- statement (one round trip, one commit), complete the attempts listed in
--- done_ids/done_attempts, fenced like job_complete_many. The claimed jobs come
--- first; one last row carries only the ids of the attempts completed.
+-- done_ids/done_attempts, fenced like job_complete_many: kept as `completed`,
+-- or deleted when keep_completed is false. The claimed jobs come first; one
+-- last row carries only the ids of the attempts completed.
 -- One index scan per queue (a plain `queue = q.name` keeps jobs_fetch_idx in
 -- order; `queue = ANY(...)` would scan and sort every waiting row).
-WITH done AS (
+WITH kept AS (
     UPDATE {schema}.jobs AS j
     SET state = 'completed', finished_at = now(), worker_id = NULL, cancel_requested_at = NULL
     FROM unnest(%(done_ids)s::bigint[], %(done_attempts)s::integer[]) AS o(id, attempt)
     -- state::text, here and in the other fenced writes: compared as an enum,
     -- the planner may walk jobs_running_idx for every id instead of looking
     -- each id up in the primary key.
-    WHERE j.id = o.id AND j.attempt = o.attempt AND j.state::text = 'running'
+    WHERE %(keep_completed)s
+      AND j.id = o.id AND j.attempt = o.attempt AND j.state::text = 'running'
+    RETURNING j.id
+), deleted AS (
+    DELETE FROM {schema}.jobs AS j
+    USING unnest(%(done_ids)s::bigint[], %(done_attempts)s::integer[]) AS o(id, attempt)
+    WHERE NOT %(keep_completed)s
+      AND j.id = o.id AND j.attempt = o.attempt AND j.state::text = 'running'
     RETURNING j.id
 ), next AS (
     SELECT candidate.id
@@ -109,7 +117,8 @@ SELECT id, queue, task, args, priority, attempt, max_attempts, created_at, heade
        NULL::bigint[]
 FROM claimed
 UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, array(SELECT id FROM done)
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       array(SELECT id FROM kept UNION ALL SELECT id FROM deleted)
 -- The worker's own writes may commit without waiting for the WAL flush (see
 -- Worker.synchronous_commit); a NULL keeps the session's setting. set_config
 -- with is_local = true lasts only for this statement's transaction.
@@ -168,16 +177,26 @@ WHERE j.id = o.id AND j.attempt = o.attempt AND j.state::text = 'running'
 RETURNING j.id
 
 -- name: job_complete_many
--- The common case of job_set_outcome_many: attempts that completed.
+-- The common case of job_set_outcome_many: attempts that completed, kept as
+-- `completed` or deleted when keep_completed is false.
 WITH commit_mode AS MATERIALIZED (
     SELECT set_config('synchronous_commit',
                       coalesce(%(commit_mode)s, current_setting('synchronous_commit')), true)
+), kept AS (
+    UPDATE {schema}.jobs AS j
+    SET state = 'completed', finished_at = now(), worker_id = NULL, cancel_requested_at = NULL
+    FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS o(id, attempt), commit_mode
+    WHERE %(keep_completed)s
+      AND j.id = o.id AND j.attempt = o.attempt AND j.state::text = 'running'
+    RETURNING j.id
+), deleted AS (
+    DELETE FROM {schema}.jobs AS j
+    USING unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS o(id, attempt), commit_mode
+    WHERE NOT %(keep_completed)s
+      AND j.id = o.id AND j.attempt = o.attempt AND j.state::text = 'running'
+    RETURNING j.id
 )
-UPDATE {schema}.jobs AS j
-SET state = 'completed', finished_at = now(), worker_id = NULL, cancel_requested_at = NULL
-FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS o(id, attempt), commit_mode
-WHERE j.id = o.id AND j.attempt = o.attempt AND j.state::text = 'running'
-RETURNING j.id
+SELECT id FROM kept UNION ALL SELECT id FROM deleted
 
 -- name: job_get
 SELECT id, queue, task, args::text, priority, state::text, attempt, max_attempts,

@@ -20,7 +20,13 @@ from .._cli import (
 from .._queue import DSN_ENV, Queue
 from ..embedded import dsn_or_embedded
 from ..errors import ConfigurationError
-from ._worker import DEFAULT_CONCURRENCY, DEFAULT_POLL_INTERVAL, DEFAULT_SHUTDOWN_TIMEOUT, Worker
+from ._worker import (
+    DEFAULT_COMPLETED_RETENTION,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_POLL_INTERVAL,
+    DEFAULT_SHUTDOWN_TIMEOUT,
+    Worker,
+)
 
 
 def build_parser(prog: str = "python -m pgoutbox.worker") -> argparse.ArgumentParser:
@@ -54,6 +60,13 @@ def build_parser(prog: str = "python -m pgoutbox.worker") -> argparse.ArgumentPa
         default=DEFAULT_SHUTDOWN_TIMEOUT,
         help="seconds running jobs get to finish after a stop signal (default: %(default)s)",
     )
+    parser.add_argument(
+        "--completed-retention",
+        type=float,
+        default=DEFAULT_COMPLETED_RETENTION,
+        help="seconds completed jobs are kept; 0 deletes each as it completes, the fastest "
+        "(default: %(default)s)",
+    )
     add_common_arguments(parser)
     return parser
 
@@ -85,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             queues=queues,
             poll_interval=args.poll_interval,
             shutdown_timeout=args.shutdown_timeout,
+            completed_retention=args.completed_retention,
         )
         with contextlib.ExitStack() as stack:
             embedded = False

@@ -53,6 +53,7 @@ class Completer:
         statements: Statements,
         *,
         capacity: int,
+        keep_completed: bool = True,
         commit_mode: str | None = None,
         instrumentation: Instrumentation | None = None,
     ) -> None:
@@ -60,6 +61,7 @@ class Completer:
         self._statements = statements
         self._capacity = capacity
         self._flush_at = min(capacity, MAX_BATCH)
+        self._keep_completed = keep_completed
         self._commit_mode = commit_mode
         self._instrumentation = instrumentation
         self._pending: list[Outcome] = []
@@ -223,7 +225,11 @@ class Completer:
             try:
                 with anyio.fail_after(WRITE_TIMEOUT):
                     written = await _store.job_set_outcome_many(
-                        conn, self._statements, batch, commit_mode=self._commit_mode
+                        conn,
+                        self._statements,
+                        batch,
+                        keep_completed=self._keep_completed,
+                        commit_mode=self._commit_mode,
                     )
             except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as ex:
                 await self._link.failed(conn, ex)

@@ -122,6 +122,7 @@ class Producer:
         wakeup: Wakeup,
         poll_interval: float,
         completer: Completer,
+        keep_completed: bool = True,
         commit_mode: str | None = None,
     ) -> None:
         self._link = link
@@ -133,6 +134,7 @@ class Producer:
         self._wakeup = wakeup
         self._poll_interval = poll_interval
         self._completer = completer
+        self._keep_completed = keep_completed
         self._commit_mode = commit_mode
         self._unconfirmed: list[str] = []  # claim ids of fetches whose reply was lost
         self.fetches = 0
@@ -201,6 +203,7 @@ class Producer:
                     worker_id=self._worker_id,
                     claim_id=claim_id,
                     completed=completed,
+                    keep_completed=self._keep_completed,
                     commit_mode=self._commit_mode,
                 )
         except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as ex:

@@ -112,6 +112,9 @@ class Worker:
         maintenance_interval: seconds between maintenance rounds: rescuing dead
             workers' jobs and pruning finished ones (one worker at a time).
         completed_retention: seconds completed and cancelled jobs are kept.
+            0 deletes each job as it completes, in the statement that records
+            its completion: the fastest setting (no second row version, no
+            index entries to add), for when nobody looks at completed jobs.
         failed_retention: seconds failed jobs are kept (the dead-letter view).
         prepared_statements: let the fetch/ack connection use server-side
             prepared statements (faster). Turn off behind a pooler in
@@ -209,10 +212,12 @@ class Worker:
             conninfo, on_failure=self._listener.reset, prepared_statements=prepared_statements
         )
         commit_mode = None if synchronous_commit else "off"
+        keep_completed = completed_retention > 0
         self._completer = Completer(
             self._link,
             queue.statements,
             capacity=concurrency,
+            keep_completed=keep_completed,
             commit_mode=commit_mode,
             instrumentation=queue.instrumentation,
         )
@@ -238,6 +243,7 @@ class Worker:
             wakeup=self._wakeup,
             poll_interval=poll_interval,
             completer=self._completer,
+            keep_completed=keep_completed,
             commit_mode=commit_mode,
         )
         self._producer_scope: anyio.CancelScope | None = None

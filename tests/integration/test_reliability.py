@@ -339,7 +339,7 @@ async def test_maintenance_prunes_finished_jobs_past_retention(
         if not ok:
             raise ValueError("bad")
 
-    worker = Worker(queue, completed_retention=0, failed_retention=3600, **FAST)
+    worker = Worker(queue, completed_retention=0.001, failed_retention=3600, **FAST)
     with watching_logs() as logs:
         async with running(worker):
             async with conn.transaction():
@@ -350,6 +350,29 @@ async def test_maintenance_prunes_finished_jobs_past_retention(
     assert await count_jobs(queue) == 1  # the failed job is kept for its retention
     assert (await _job(queue, failed.id)).state is JobState.FAILED
     assert worker.statistics().pruned == 1
+
+
+async def test_zero_completed_retention_deletes_jobs_as_they_complete(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    seen = Recorder()
+
+    @queue.task(retry=RetryPolicy(max_attempts=1))
+    async def work(i: int) -> None:
+        seen.record(i)
+        if i < 0:
+            raise ValueError("bad")
+
+    # A backlog bigger than the slots: later completions ride with fetches,
+    # the last ones go out through the completer on its own.
+    async with conn.transaction():
+        jobs = await queue.enqueue_many(conn, [work.bind(i) for i in range(-2, 40)])
+    async with running(Worker(queue, concurrency=4, completed_retention=0, **FAST)):
+        await seen.wait_for(len(jobs))
+    # The worker stopped gracefully: every outcome is written.
+    assert await count_jobs(queue) == 2
+    states = {j.id: (await _job(queue, j.id)).state for j in jobs[:2]}
+    assert states == {jobs[0].id: JobState.FAILED, jobs[1].id: JobState.FAILED}
 
 
 async def test_status_counts_jobs_and_lists_workers(
