@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -23,8 +24,11 @@ import pgoutbox
 from . import TASK_NAME, Probe, Producer, System
 
 SCHEMA: Final = "pgoutbox"
-CONCURRENCY: Final = 50
+CONCURRENCY: Final = int(os.environ.get("PGOUTBOX_BENCH_CONCURRENCY", "200"))
 """Jobs a worker runs at once (and claims per fetch at most)."""
+
+COMPLETED_RETENTION: Final = float(os.environ.get("PGOUTBOX_BENCH_COMPLETED_RETENTION", "0"))
+"""Seconds completed jobs are kept: 0 deletes each as it completes."""
 
 NO_NOTIFY_DELAY: Final = 1e-6
 """Without ``Queue(notify=False)`` (older trees): a delay this small writes the
@@ -117,7 +121,11 @@ class PgoutboxSystem(System):
 
     async def run_worker(self, probe: Probe, stop: asyncio.Event, options: dict[str, str]) -> None:
         queue, _ = make_queue(self.dsn, probe)
-        worker = pgoutbox.Worker(queue, concurrency=int(options.get("concurrency", CONCURRENCY)))
+        worker = pgoutbox.Worker(
+            queue,
+            concurrency=int(options.get("concurrency", CONCURRENCY)),
+            completed_retention=COMPLETED_RETENTION,
+        )
 
         async def stop_on_request() -> None:
             await stop.wait()

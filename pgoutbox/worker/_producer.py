@@ -40,6 +40,8 @@ class Slots:
         self.used = 0
         self._changed = anyio.Event()
         self._wanted = 0  # free slots the current waiter needs; 0: nobody waits
+        self.waking = False
+        """Whether a release woke the waiter and it has not run yet."""
 
     @property
     def free(self) -> int:
@@ -49,9 +51,11 @@ class Slots:
         self.used += 1
 
     def release(self) -> None:
+        """Free a slot, waking the waiter if enough are free for it."""
         self.used -= 1
         if self._wanted and self.size - self.used >= self._wanted:
             self._wanted = 0
+            self.waking = True
             self._changed.set()
             self._changed = anyio.Event()
 
@@ -64,36 +68,52 @@ class Slots:
                 await self._changed.wait()
             finally:
                 self._wanted = 0
+                self.waking = False
 
     async def wait_empty(self) -> None:
         await self.wait_free(self.size)
 
 
 class Feed:
-    """Hands claimed jobs to idle executors: a queue of jobs and one shared wake-up,
-    so a batch of jobs costs one event, not one per job."""
+    """Hands claimed jobs to idle executors, waking one at a time.
+
+    An executor that takes a job wakes the next idle one only if more jobs
+    wait and no other is already waking: jobs that never wait on anything run
+    back to back in one executor, and a job that does wait lets the next
+    executor start the next job.
+    """
 
     def __init__(self) -> None:
         self._jobs: deque[ClaimedJob] = deque()
-        self._ready = anyio.Event()
-        self._waiting = 0
+        self._idle: deque[anyio.Event] = deque()
+        self._waking = 0
 
     def put(self, job: ClaimedJob) -> None:
         self._jobs.append(job)
-        if self._waiting:
-            self._ready.set()
+        if not self._waking:
+            self._wake_one()
+
+    def _wake_one(self) -> None:
+        if self._idle:
+            self._waking += 1
+            self._idle.popleft().set()
 
     async def get(self) -> ClaimedJob:
         """The next job, waiting for one if none is queued."""
         while not self._jobs:
-            if self._ready.is_set():
-                self._ready = anyio.Event()
-            self._waiting += 1
+            woken = anyio.Event()
+            self._idle.append(woken)
             try:
-                await self._ready.wait()
+                await woken.wait()
             finally:
-                self._waiting -= 1
-        return self._jobs.popleft()
+                if woken.is_set():
+                    self._waking -= 1
+                else:  # cancelled while idle
+                    self._idle.remove(woken)
+        job = self._jobs.popleft()
+        if self._jobs and not self._waking:
+            self._wake_one()
+        return job
 
 
 class Producer:

@@ -363,10 +363,18 @@ class Worker:
     async def _execute(self, feed: Feed) -> None:
         """An executor: runs the jobs the producer hands over, one at a time, until
         cancelled."""
+        slots = self._slots
         while True:
-            await self._run_job(await feed.get())
+            job = await feed.get()
+            if slots.waking:
+                # The producer can fetch now: let it send its fetch before this
+                # executor runs the next job, so the database works on the next
+                # batch while this one runs.
+                await anyio.lowlevel.checkpoint()
+            await self._run_job(job)
 
     async def _run_job(self, job: ClaimedJob) -> None:
+        """Run `job` and queue its outcome."""
         key = (job.id, job.attempt)
         scope = self._cancel_scopes[key] = anyio.CancelScope()
         try:
