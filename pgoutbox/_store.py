@@ -113,23 +113,49 @@ def _job_insert_query(
     return st.job_insert, params
 
 
+class _InsertRow(msgspec.Struct, omit_defaults=True):
+    """One job of `job_insert_many`'s JSON array (omitted keys read as NULL)."""
+
+    queue: str
+    task: str
+    args: msgspec.Raw  # already JSON: embedded as is
+    priority: int
+    state: str
+    max_attempts: int
+    run_at: datetime | None = None
+    delay: float = 0.0
+    headers: dict[str, str] | None = None
+
+
+_encode_rows = msgspec.json.Encoder().encode
+
+
 def _job_insert_many_query(
     st: Statements, specs: Sequence[JobSpec], channel: str | None
 ) -> tuple[bytes, dict[str, Any]]:
-    due = [spec.due_now() for spec in specs]
-    notify = channel is not None
+    rows: list[_InsertRow] = []
+    notify_queues: set[str] = set()
+    for s in specs:
+        due = s.due_now()
+        if due and channel is not None:
+            notify_queues.add(s.queue)
+        rows.append(
+            _InsertRow(
+                queue=s.queue,
+                task=s.task,
+                args=msgspec.Raw(s.args),
+                priority=s.priority,
+                state="available" if due else "scheduled",
+                max_attempts=s.max_attempts,
+                run_at=s.run_at,
+                delay=float(s.delay),
+                headers=s.headers or None,
+            )
+        )
     return st.job_insert_many, {
-        "queues": [s.queue for s in specs],
-        "tasks": [s.task for s in specs],
-        "args": [s.args for s in specs],
-        "priorities": [s.priority for s in specs],
-        "states": ["available" if d else "scheduled" for d in due],
-        "max_attempts": [s.max_attempts for s in specs],
-        "run_ats": [s.run_at for s in specs],
-        "delays": [float(s.delay) for s in specs],
-        "headers": [_headers_json(s) for s in specs],
+        "jobs": _encode_rows(rows).decode(),
         "channel": channel or "",
-        "notify_queues": sorted({s.queue for s, d in zip(specs, due, strict=True) if d and notify}),
+        "notify_queues": sorted(notify_queues),
     }
 
 

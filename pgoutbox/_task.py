@@ -185,6 +185,15 @@ class Task(Generic[P, R]):
         self._args_type = args_type or _args_struct(name, fn)
         self._signature = inspect.signature(fn)
         self._decoder = msgspec.json.Decoder(self._args_type)
+        # For binding arguments without `Signature.bind` when the parameters are
+        # plain (positional-or-keyword or keyword-only, no *args/**kwargs).
+        params = list(self._signature.parameters.values())
+        plain = all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params)
+        self._positional = (
+            tuple(p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD) if plain else None
+        )
+        self._names = frozenset(p.name for p in params)
+        self._required = frozenset(p.name for p in params if p.default is p.empty)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R]:
         """Call the handler directly, as if it were not a task."""
@@ -246,12 +255,14 @@ class Task(Generic[P, R]):
         Raises:
             PayloadError: an argument is missing, unexpected or of the wrong type.
         """
+        arguments = self._bind_plain(args, kwargs)
+        if arguments is None:  # not plain, or wrong: Signature.bind says what is wrong
+            try:
+                arguments = self._signature.bind(*args, **kwargs).arguments
+            except TypeError as ex:
+                raise PayloadError(self.name, str(ex)) from None
         try:
-            bound = self._signature.bind(*args, **kwargs)
-        except TypeError as ex:
-            raise PayloadError(self.name, str(ex)) from None
-        try:
-            payload = msgspec.convert(bound.arguments, self._args_type)
+            payload = msgspec.convert(arguments, self._args_type)
         except msgspec.ValidationError as ex:
             raise PayloadError(self.name, str(ex)) from None
         except ValueError as ex:  # e.g. a lone surrogate in a str, seen while converting
@@ -266,6 +277,24 @@ class Task(Generic[P, R]):
         except (msgspec.DecodeError, RecursionError) as ex:
             raise PayloadError(self.name, f"the arguments would not decode: {ex}") from None
         return text
+
+    def _bind_plain(
+        self, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        """The arguments by name, as `Signature.bind` would give them, for plain
+        parameters; None when the parameters are not plain or the call does not
+        fit them."""
+        positional = self._positional
+        if positional is None or len(args) > len(positional):
+            return None
+        arguments = dict(zip(positional, args, strict=False))
+        for name in kwargs:
+            if name in arguments or name not in self._names:
+                return None
+        arguments.update(kwargs)
+        if not self._required <= arguments.keys():
+            return None
+        return arguments
 
     def decode_args(self, data: str) -> dict[str, Any]:
         """Decode a stored payload into keyword arguments for the handler.
