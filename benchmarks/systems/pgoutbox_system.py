@@ -3,8 +3,14 @@
 Producers enqueue on a plain psycopg `AsyncConnection` (autocommit: the one
 INSERT+NOTIFY statement is the transaction), as an asyncio application would.
 Each worker process runs one `Worker` on anyio's asyncio backend, as ``python
--m pgoutbox.worker`` does by default. Concurrency 50, 100 and 200 drained alike
-on the 2-core benchmark machine (uvloop made no difference either); 50 is kept.
+-m pgoutbox.worker`` does by default, configured as the docs advise for many
+short jobs (docs/how-to/throughput.md): a high concurrency, since a fetch
+under a backlog claims half the slots, and ``completed_retention=0``, which
+deletes each job as it completes. A sweep on the 2-core benchmark machine
+(drain, 50k jobs) gave 1/2 processes: concurrency 200: ~46k/57k jobs/s,
+400: ~58k/69k, 800: ~62k/70k; 400 is kept. Completed jobs kept for an hour
+(the default) cost about a tenth of that. ``PGOUTBOX_BENCH_CONCURRENCY`` and
+``PGOUTBOX_BENCH_COMPLETED_RETENTION`` override both for such sweeps.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import pgoutbox
 from . import TASK_NAME, Probe, Producer, System
 
 SCHEMA: Final = "pgoutbox"
-CONCURRENCY: Final = int(os.environ.get("PGOUTBOX_BENCH_CONCURRENCY", "200"))
+CONCURRENCY: Final = int(os.environ.get("PGOUTBOX_BENCH_CONCURRENCY", "400"))
 """Jobs a worker runs at once (and claims per fetch at most)."""
 
 COMPLETED_RETENTION: Final = float(os.environ.get("PGOUTBOX_BENCH_COMPLETED_RETENTION", "0"))
