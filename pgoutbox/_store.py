@@ -217,14 +217,12 @@ async def job_claim(
     claim_id: str,
     completed: Sequence[Outcome] = (),
     keep_completed: bool = True,
-    commit_mode: str | None = None,
 ) -> tuple[list[ClaimedJob], set[int]]:
     """Claim up to `limit` due jobs of these queues and tasks, marked with `claim_id`,
     and complete the `completed` attempts (fenced) in the same statement.
 
     Returns the claimed jobs and the ids of the attempts completed (kept as
-    ``completed``, or deleted unless `keep_completed`). `commit_mode` is this
-    statement's ``synchronous_commit`` (None keeps the session's).
+    ``completed``, or deleted unless `keep_completed`).
     """
     cur = await conn.execute(
         st.job_get_available,
@@ -237,7 +235,6 @@ async def job_claim(
             "limit": limit,
             "worker_id": worker_id,
             "claim_id": claim_id,
-            "commit_mode": commit_mode,
         },
     )
     rows = await cur.fetchall()
@@ -298,15 +295,13 @@ async def job_set_outcome_many(
     outcomes: Sequence[Outcome],
     *,
     keep_completed: bool = True,
-    commit_mode: str | None = None,
 ) -> set[int]:
     """Write many outcomes in one statement, fenced by attempt; return the ids written.
 
     A job is only written while it is still ``running`` under the same attempt,
     so a worker that lost a job can never overwrite a newer attempt.
     Completed attempts are deleted unless `keep_completed` (then a batch that
-    mixes them with other outcomes takes two statements). `commit_mode` is
-    this statement's ``synchronous_commit`` (None keeps the session's).
+    mixes them with other outcomes takes two statements).
     """
     completions = [o for o in outcomes if o.state is JobState.COMPLETED]
     written: set[int] = set()
@@ -317,7 +312,6 @@ async def job_set_outcome_many(
                 "ids": [o.id for o in completions],
                 "attempts": [o.attempt for o in completions],
                 "keep_completed": keep_completed,
-                "commit_mode": commit_mode,
             },
         )
         written.update(row[0] for row in await cur.fetchall())
@@ -327,7 +321,6 @@ async def job_set_outcome_many(
     cur = await conn.execute(
         st.job_set_outcome_many,
         {
-            "commit_mode": commit_mode,
             "ids": [o.id for o in outcomes],
             "attempts": [o.attempt for o in outcomes],
             "states": [o.state.value for o in outcomes],

@@ -122,13 +122,6 @@ FROM claimed
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        array(SELECT id FROM kept UNION ALL SELECT id FROM deleted)
--- The worker's own writes may commit without waiting for the WAL flush (see
--- Worker.synchronous_commit); a NULL keeps the session's setting. set_config
--- with is_local = true lasts only for this statement's transaction.
-FROM (
-    SELECT set_config('synchronous_commit',
-                      coalesce(%(commit_mode)s, current_setting('synchronous_commit')), true)
-) AS commit_mode
 
 -- name: job_release_claim
 -- Give back the jobs of a fetch whose reply never arrived: they never ran, so
@@ -155,11 +148,7 @@ WHERE state IN ('scheduled', 'retryable')
 
 -- name: job_set_outcome_many
 -- A job whose cancel was requested ends `cancelled` instead of waiting again.
--- commit_mode and state::text: as in job_get_available.
-WITH commit_mode AS MATERIALIZED (
-    SELECT set_config('synchronous_commit',
-                      coalesce(%(commit_mode)s, current_setting('synchronous_commit')), true)
-)
+-- state::text: as in job_get_available.
 UPDATE {schema}.jobs AS j
 SET state = CASE WHEN j.cancel_requested_at IS NOT NULL
                       AND o.state IN ('available', 'retryable', 'scheduled')
@@ -175,26 +164,23 @@ SET state = CASE WHEN j.cancel_requested_at IS NOT NULL
 FROM unnest(
     %(ids)s::bigint[], %(attempts)s::integer[], %(states)s::text[],
     %(delays)s::float8[], %(errors)s::jsonb[], %(extra_attempts)s::integer[]
-) AS o(id, attempt, state, delay, error, extra_attempts), commit_mode
+) AS o(id, attempt, state, delay, error, extra_attempts)
 WHERE j.id = o.id AND j.attempt = o.attempt AND j.state::text = 'running'
 RETURNING j.id
 
 -- name: job_complete_many
 -- The common case of job_set_outcome_many: attempts that completed, kept as
 -- `completed` or deleted when keep_completed is false.
-WITH commit_mode AS MATERIALIZED (
-    SELECT set_config('synchronous_commit',
-                      coalesce(%(commit_mode)s, current_setting('synchronous_commit')), true)
-), kept AS (
+WITH kept AS (
     UPDATE {schema}.jobs AS j
     SET state = 'completed', finished_at = now(), worker_id = NULL, cancel_requested_at = NULL
-    FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS o(id, attempt), commit_mode
+    FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS o(id, attempt)
     WHERE %(keep_completed)s
       AND j.id = o.id AND j.attempt = o.attempt AND j.state::text = 'running'
     RETURNING j.id
 ), deleted AS (
     DELETE FROM {schema}.jobs AS j
-    USING unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS o(id, attempt), commit_mode
+    USING unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS o(id, attempt)
     WHERE NOT %(keep_completed)s
       AND j.id = o.id AND j.attempt = o.attempt AND j.state::text = 'running'
     RETURNING j.id

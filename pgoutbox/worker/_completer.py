@@ -54,7 +54,6 @@ class Completer:
         *,
         capacity: int,
         keep_completed: bool = True,
-        commit_mode: str | None = None,
         instrumentation: Instrumentation | None = None,
     ) -> None:
         self._link = link
@@ -62,7 +61,6 @@ class Completer:
         self._capacity = capacity
         self._flush_at = min(capacity, MAX_BATCH)
         self._keep_completed = keep_completed
-        self._commit_mode = commit_mode
         self._instrumentation = instrumentation
         self._pending: list[Outcome] = []
         self._others = 0  # pending outcomes that are not completions: written at once
@@ -229,7 +227,6 @@ class Completer:
                         self._statements,
                         batch,
                         keep_completed=self._keep_completed,
-                        commit_mode=self._commit_mode,
                     )
             except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as ex:
                 await self._link.failed(conn, ex)

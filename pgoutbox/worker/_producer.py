@@ -143,7 +143,6 @@ class Producer:
         poll_interval: float,
         completer: Completer,
         keep_completed: bool = True,
-        commit_mode: str | None = None,
     ) -> None:
         self._link = link
         self._queue = queue
@@ -155,7 +154,6 @@ class Producer:
         self._poll_interval = poll_interval
         self._completer = completer
         self._keep_completed = keep_completed
-        self._commit_mode = commit_mode
         self._unconfirmed: list[str] = []  # claim ids of fetches whose reply was lost
         self.fetches = 0
         """Fetch statements run."""
@@ -224,7 +222,6 @@ class Producer:
                     claim_id=claim_id,
                     completed=completed,
                     keep_completed=self._keep_completed,
-                    commit_mode=self._commit_mode,
                 )
         except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as ex:
             self._completer.give_back(completed)

@@ -120,15 +120,6 @@ class Worker:
             prepared statements (faster). Turn off behind a pooler in
             transaction mode that cannot keep them (PgBouncer before 1.21, or
             without ``max_prepared_statements``).
-        synchronous_commit: make the worker's own claims and outcome writes
-            wait for their WAL flush. By default they commit with
-            ``synchronous_commit = off`` (set per statement, so nothing leaks
-            to pooled connections): if the database server crashes (not the
-            worker), the last fraction of a second of them may be forgotten,
-            and those jobs run again, as after a worker crash. Jobs are never
-            lost: enqueues commit on your connection, as you configure it.
-            Your handlers' transactions, including
-            `JobContext.transaction`, are not affected.
 
     A worker holds two connections: one for fetching and acknowledging, one
     for LISTEN. It claims only the tasks registered on `queue`, so during a
@@ -150,7 +141,6 @@ class Worker:
         completed_retention: float = DEFAULT_COMPLETED_RETENTION,
         failed_retention: float = DEFAULT_FAILED_RETENTION,
         prepared_statements: bool = True,
-        synchronous_commit: bool = False,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigurationError(f"concurrency must be an integer >= 1, got {concurrency!r}")
@@ -211,14 +201,12 @@ class Worker:
         self._link = Link(
             conninfo, on_failure=self._listener.reset, prepared_statements=prepared_statements
         )
-        commit_mode = None if synchronous_commit else "off"
         keep_completed = completed_retention > 0
         self._completer = Completer(
             self._link,
             queue.statements,
             capacity=concurrency,
             keep_completed=keep_completed,
-            commit_mode=commit_mode,
             instrumentation=queue.instrumentation,
         )
         self._heartbeat = Heartbeat(
@@ -244,7 +232,6 @@ class Worker:
             poll_interval=poll_interval,
             completer=self._completer,
             keep_completed=keep_completed,
-            commit_mode=commit_mode,
         )
         self._producer_scope: anyio.CancelScope | None = None
         self._stopping = False

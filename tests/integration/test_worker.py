@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -14,7 +13,7 @@ import psycopg
 import pytest
 
 import pgoutbox
-from pgoutbox import JobState, Queue, RetryPolicy, Worker, _store
+from pgoutbox import JobState, Queue, RetryPolicy, Worker
 from pgoutbox.worker import _listener
 
 from ._running import WAIT_TIMEOUT, Recorder, count_jobs, running, watching_logs
@@ -465,36 +464,3 @@ async def test_worker_without_prepared_statements_for_transaction_poolers(
         assert fetch_conn.prepare_threshold is None
     async with running(prepared):
         assert (await prepared._link.get()).prepare_threshold == 5
-
-
-@pytest.mark.parametrize(("commit_mode", "inside"), [("off", "off"), (None, "on")])
-async def test_claim_sets_its_commit_mode_for_its_own_transaction_only(
-    queue: Queue, conn: pgoutbox.Connection[Any], commit_mode: str | None, inside: str
-) -> None:
-    @queue.task
-    async def work(i: int) -> None: ...
-
-    await conn.set_autocommit(True)  # so conn.transaction() is a real transaction
-    await queue.enqueue(conn, work, 1)
-
-    async def setting() -> str:
-        cur = await conn.execute("SHOW synchronous_commit")
-        row = await cur.fetchone()
-        assert row is not None
-        return str(row[0])
-
-    assert await setting() == "on"
-    async with conn.transaction():
-        claimed, _ = await _store.job_claim(
-            conn,
-            queue.statements,
-            queues=[work.queue],
-            tasks=[work.name],
-            limit=5,
-            worker_id=str(uuid.uuid4()),
-            claim_id=str(uuid.uuid4()),
-            commit_mode=commit_mode,
-        )
-        assert [job.task for job in claimed] == [work.name]
-        assert await setting() == inside
-    assert await setting() == "on"  # nothing leaks to the session (or a pooled server)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import random
+import re
 from datetime import datetime
 
 import pytest
@@ -88,6 +90,35 @@ def test_task_encode_validates_and_decode_round_trips() -> None:
         book.decode_args('{"room": 1, "when": "2026-01-02T03:04:05Z", "guests": [1]}')
     with pytest.raises(PayloadError, match="unknown field"):
         book.decode_args('{"room": 1, "when": "2026-01-02T03:04:05Z", "extra": 1}')
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [
+        ((1, "a"), {}),
+        ((1,), {"name": "a"}),
+        ((), {"count": 1, "name": "a", "flag": True}),
+        ((1, "a", True), {}),  # flag is keyword-only
+        ((1,), {}),  # name is missing
+        ((1, "a"), {"count": 2}),  # count twice
+        ((1, "a"), {"other": 1}),  # no such parameter
+    ],
+)
+def test_task_binds_arguments_as_a_call_would(
+    args: tuple[object, ...], kwargs: dict[str, object]
+) -> None:
+    queue = Queue("", schema="unit")
+
+    async def handler(count: int, name: str, *, flag: bool = False) -> None: ...
+
+    task = queue.task(handler)
+    try:
+        expected = inspect.signature(handler).bind(*args, **kwargs).arguments
+    except TypeError as ex:
+        with pytest.raises(PayloadError, match=re.escape(str(ex))):
+            task.encode_args(args, kwargs)
+    else:
+        assert task.decode_args(task.encode_args(args, kwargs)) == {"flag": False, **expected}
 
 
 def test_task_options_validate_delay_and_run_at() -> None:
