@@ -34,7 +34,6 @@ __all__ = [
     "job_count_unfinished",
     "job_get",
     "job_get_available",
-    "job_get_next_due",
     "job_insert",
     "job_insert_many",
     "job_insert_many_sync",
@@ -217,12 +216,14 @@ async def job_claim(
     claim_id: str,
     completed: Sequence[Outcome] = (),
     keep_completed: bool = True,
-) -> tuple[list[ClaimedJob], set[int]]:
+) -> tuple[list[ClaimedJob], set[tuple[int, int]], float | None]:
     """Claim up to `limit` due jobs of these queues and tasks, marked with `claim_id`,
     and complete the `completed` attempts (fenced) in the same statement.
 
-    Returns the claimed jobs and the ids of the attempts completed (kept as
-    ``completed``, or deleted unless `keep_completed`).
+    Returns the claimed jobs, the (id, attempt) of the attempts completed (kept as
+    ``completed``, or deleted unless `keep_completed`), and, when fewer than
+    `limit` jobs were claimed, the seconds until the next delayed job of these
+    queues and tasks is due (None if there is none, or the fetch was full).
     """
     cur = await conn.execute(
         st.job_get_available,
@@ -238,21 +239,26 @@ async def job_claim(
         },
     )
     rows = await cur.fetchall()
-    written: list[int] = rows[-1][9]
-    return [
-        ClaimedJob(
-            id=r[0],
-            queue=r[1],
-            task=r[2],
-            args=r[3],
-            priority=r[4],
-            attempt=r[5],
-            max_attempts=r[6],
-            created_at=r[7],
-            headers=r[8],
-        )
-        for r in rows[:-1]
-    ], set(written)
+    written = {(pair[0], pair[1]) for pair in rows[-1][9]}
+    next_due: float | None = rows[-1][10]
+    return (
+        [
+            ClaimedJob(
+                id=r[0],
+                queue=r[1],
+                task=r[2],
+                args=r[3],
+                priority=r[4],
+                attempt=r[5],
+                max_attempts=r[6],
+                created_at=r[7],
+                headers=r[8],
+            )
+            for r in rows[:-1]
+        ],
+        written,
+        next_due,
+    )
 
 
 async def job_get_available(
@@ -266,7 +272,7 @@ async def job_get_available(
     claim_id: str,
 ) -> list[ClaimedJob]:
     """Claim up to `limit` due jobs of these queues and tasks, marked with `claim_id`."""
-    claimed, _ = await job_claim(
+    claimed, _, _ = await job_claim(
         conn, st, queues=queues, tasks=tasks, limit=limit, worker_id=worker_id, claim_id=claim_id
     )
     return claimed
@@ -280,23 +286,15 @@ async def job_release_claim(
     return len(await cur.fetchall())
 
 
-async def job_get_next_due(
-    conn: AnyConnection, st: Statements, *, queues: Sequence[str], tasks: Sequence[str]
-) -> float | None:
-    """Seconds until the next delayed job of these queues and tasks is due, if any."""
-    cur = await conn.execute(st.job_get_next_due, {"queues": list(queues), "tasks": list(tasks)})
-    row = await cur.fetchone()
-    return None if row is None else row[0]
-
-
 async def job_set_outcome_many(
     conn: AnyConnection,
     st: Statements,
     outcomes: Sequence[Outcome],
     *,
     keep_completed: bool = True,
-) -> set[int]:
-    """Write many outcomes in one statement, fenced by attempt; return the ids written.
+) -> set[tuple[int, int]]:
+    """Write many outcomes in one statement, fenced by attempt; return the (id, attempt)
+    of those written.
 
     A job is only written while it is still ``running`` under the same attempt,
     so a worker that lost a job can never overwrite a newer attempt.
@@ -304,7 +302,7 @@ async def job_set_outcome_many(
     mixes them with other outcomes takes two statements).
     """
     completions = [o for o in outcomes if o.state is JobState.COMPLETED]
-    written: set[int] = set()
+    written: set[tuple[int, int]] = set()
     if completions and (len(completions) == len(outcomes) or not keep_completed):
         cur = await conn.execute(
             st.job_complete_many,
@@ -314,7 +312,7 @@ async def job_set_outcome_many(
                 "keep_completed": keep_completed,
             },
         )
-        written.update(row[0] for row in await cur.fetchall())
+        written.update((row[0], row[1]) for row in await cur.fetchall())
         if len(completions) == len(outcomes):
             return written
         outcomes = [o for o in outcomes if o.state is not JobState.COMPLETED]
@@ -329,7 +327,7 @@ async def job_set_outcome_many(
             "extra_attempts": [o.extra_attempts for o in outcomes],
         },
     )
-    written.update(row[0] for row in await cur.fetchall())
+    written.update((row[0], row[1]) for row in await cur.fetchall())
     return written
 
 

@@ -69,9 +69,9 @@ SELECT id, run_at, (SELECT count(*) FROM notified) FROM jobs ORDER BY id
 -- statement (one round trip, one commit), complete the attempts listed in
 -- done_ids/done_attempts, fenced like job_complete_many: kept as `completed`,
 -- or deleted when keep_completed is false. The claimed jobs come first; one
--- last row carries only the ids of the attempts completed.
--- One index scan per queue (a plain `queue = q.name` keeps jobs_fetch_idx in
--- order; `queue = ANY(...)` would scan and sort every waiting row).
+-- last row carries only the [id, attempt] pairs completed and, when fewer
+-- than `limit` jobs were claimed, the seconds until the next delayed job of
+-- these queues and tasks is due (NULL if none).
 WITH kept AS (
     UPDATE {schema}.jobs AS j
     SET state = 'completed', finished_at = now(), worker_id = NULL, cancel_requested_at = NULL
@@ -81,29 +81,17 @@ WITH kept AS (
     -- each id up in the primary key.
     WHERE %(keep_completed)s
       AND j.id = o.id AND j.attempt = o.attempt AND j.state::text = 'running'
-    RETURNING j.id
+    RETURNING j.id, j.attempt
 ), deleted AS (
     DELETE FROM {schema}.jobs AS j
     USING unnest(%(done_ids)s::bigint[], %(done_attempts)s::integer[]) AS o(id, attempt)
     WHERE NOT %(keep_completed)s
       AND j.id = o.id AND j.attempt = o.attempt AND j.state::text = 'running'
-    RETURNING j.id
+    RETURNING j.id, j.attempt
 ), next AS (
-    SELECT candidate.id
-    FROM unnest(%(queues)s::text[]) AS q(name)
-    CROSS JOIN LATERAL (
-        SELECT id, priority, run_at
-        FROM {schema}.jobs
-        WHERE queue = q.name
-          AND state IN ('scheduled', 'available', 'retryable')
-          AND run_at <= now()
-          AND task = ANY(%(tasks)s::text[])
-        ORDER BY priority DESC, run_at, id
-        LIMIT %(limit)s
-        FOR UPDATE SKIP LOCKED
-    ) AS candidate
-    ORDER BY candidate.priority DESC, candidate.run_at, candidate.id
-    LIMIT %(limit)s
+    -- The scan of waiting jobs is a function (migration 5), so that it can
+    -- insist on the ordered index scan.
+    SELECT id FROM {schema}.fetch_candidates(%(queues)s::text[], %(tasks)s::text[], %(limit)s)
 ), claimed AS (
     UPDATE {schema}.jobs AS j
     SET state = 'running',
@@ -111,17 +99,26 @@ WITH kept AS (
         attempted_at = now(),
         worker_id = %(worker_id)s,
         claim_id = %(claim_id)s
-    FROM next
-    WHERE j.id = next.id
+    -- Each id looked up in the primary key, whatever the row estimates say.
+    WHERE j.id = ANY(ARRAY(SELECT id FROM next))
     RETURNING j.id, j.queue, j.task, j.args::text, j.priority, j.attempt, j.max_attempts,
               j.created_at, j.headers::text
 )
 SELECT id, queue, task, args, priority, attempt, max_attempts, created_at, headers,
-       NULL::bigint[]
+       NULL::bigint[][], NULL::float8
 FROM claimed
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-       array(SELECT id FROM kept UNION ALL SELECT id FROM deleted)
+       array(SELECT ARRAY[id, attempt] FROM kept
+             UNION ALL SELECT ARRAY[id, attempt] FROM deleted),
+       CASE WHEN (SELECT count(*) FROM claimed) < %(limit)s THEN (
+           SELECT extract(epoch FROM min(run_at) - now())::float8
+           FROM {schema}.jobs
+           WHERE state IN ('scheduled', 'retryable')
+             AND run_at > now()
+             AND queue = ANY(%(queues)s::text[])
+             AND task = ANY(%(tasks)s::text[])
+       ) END
 
 -- name: job_release_claim
 -- Give back the jobs of a fetch whose reply never arrived: they never ran, so
@@ -137,14 +134,6 @@ SET state = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled'
     claim_id = NULL
 WHERE claim_id = %(claim_id)s AND worker_id = %(worker_id)s AND state = 'running'
 RETURNING id
-
--- name: job_get_next_due
-SELECT extract(epoch FROM min(run_at) - now())::float8
-FROM {schema}.jobs
-WHERE state IN ('scheduled', 'retryable')
-  AND run_at > now()
-  AND queue = ANY(%(queues)s::text[])
-  AND task = ANY(%(tasks)s::text[])
 
 -- name: job_set_outcome_many
 -- A job whose cancel was requested ends `cancelled` instead of waiting again.
@@ -166,7 +155,7 @@ FROM unnest(
     %(delays)s::float8[], %(errors)s::jsonb[], %(extra_attempts)s::integer[]
 ) AS o(id, attempt, state, delay, error, extra_attempts)
 WHERE j.id = o.id AND j.attempt = o.attempt AND j.state::text = 'running'
-RETURNING j.id
+RETURNING j.id, j.attempt
 
 -- name: job_complete_many
 -- The common case of job_set_outcome_many: attempts that completed, kept as
@@ -177,15 +166,15 @@ WITH kept AS (
     FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS o(id, attempt)
     WHERE %(keep_completed)s
       AND j.id = o.id AND j.attempt = o.attempt AND j.state::text = 'running'
-    RETURNING j.id
+    RETURNING j.id, j.attempt
 ), deleted AS (
     DELETE FROM {schema}.jobs AS j
     USING unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS o(id, attempt)
     WHERE NOT %(keep_completed)s
       AND j.id = o.id AND j.attempt = o.attempt AND j.state::text = 'running'
-    RETURNING j.id
+    RETURNING j.id, j.attempt
 )
-SELECT id FROM kept UNION ALL SELECT id FROM deleted
+SELECT id, attempt FROM kept UNION ALL SELECT id, attempt FROM deleted
 
 -- name: job_get
 SELECT id, queue, task, args::text, priority, state::text, attempt, max_attempts,

@@ -35,12 +35,12 @@ class Completer:
     """Collects outcomes from executors and writes them in batches, fenced by attempt.
 
     Completions usually leave with the producer's next fetch: one statement
-    and one commit for both (`take_completions`). While the producer says it
-    will fetch again soon (`expect_fetch`), completions wait for it, up to
-    `LINGER` seconds; everything else (failures, retries, or completions when
-    no fetch is coming) is written at once, in one statement per batch. A
-    batch is whatever queued up while the previous write ran, so under load it
-    grows and at rest one outcome goes out alone.
+    and one commit for both (`take_completions`). They wait for it up to
+    `LINGER` seconds, or until as many wait as the worker has slots; then the
+    completer writes them itself. Everything else (failures, retries,
+    cancellations) is written at once, together with whatever waits. A batch
+    is whatever queued up meanwhile, so under load it grows, and at rest one
+    outcome goes out alone.
 
     At most `capacity` outcomes wait: executors then wait in `put`
     (backpressure). A failed write is retried on a new connection: writes are
@@ -66,7 +66,6 @@ class Completer:
         self._others = 0  # pending outcomes that are not completions: written at once
         self._oldest = 0.0  # when the pending list last became non-empty
         self._closed = False
-        self._expect_fetch = False
         # The writer's wake-up: set only when it must act (not on every outcome).
         self._attention = anyio.Event()
         self._space = anyio.Event()
@@ -76,17 +75,6 @@ class Completer:
     def pending(self) -> int:
         """Outcomes waiting to be written."""
         return len(self._pending)
-
-    @property
-    def expect_fetch(self) -> bool:
-        """Whether the producer will fetch again soon (and take the completions along)."""
-        return self._expect_fetch
-
-    @expect_fetch.setter
-    def expect_fetch(self, value: bool) -> None:
-        if self._expect_fetch and not value:
-            self._attention.set()
-        self._expect_fetch = value
 
     def put_nowait(self, outcome: Outcome) -> bool:
         """Queue `outcome` unless `capacity` outcomes already wait; False if full."""
@@ -149,13 +137,15 @@ class Completer:
             self._pending[:0] = outcomes
             self._attention.set()
 
-    def written(self, batch: Sequence[Outcome], ids: Collection[int], duration: float) -> None:
-        """Account for a written `batch` (`ids`: the ones the fence let through)."""
+    def written(
+        self, batch: Sequence[Outcome], written: Collection[tuple[int, int]], duration: float
+    ) -> None:
+        """Account for a written `batch` (`written`: the (id, attempt) the fence let through)."""
         if self._instrumentation is not None:
             self._instrumentation.outcomes_written(len(batch), duration)
-        if len(ids) < len(batch):
+        if len(written) < len(batch):
             for outcome in batch:
-                if outcome.id not in ids:
+                if (outcome.id, outcome.attempt) not in written:
                     logger.warning(
                         "outcome of job %s attempt %s not written: the job is no longer "
                         "running under that attempt",
@@ -197,8 +187,7 @@ class Completer:
     def _should_linger(self) -> bool:
         """Whether waiting completions should wait for the producer's fetch a little longer."""
         return (
-            self._expect_fetch
-            and not self._closed
+            not self._closed
             and not self._others
             and len(self._pending) < self._flush_at
             and time.monotonic() < self._oldest + LINGER

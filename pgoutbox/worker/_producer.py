@@ -162,12 +162,6 @@ class Producer:
 
     async def run(self, start_job: Callable[[ClaimedJob], None]) -> None:
         """Claim jobs and pass each to `start_job` (which must not block) until cancelled."""
-        try:
-            await self._run(start_job)
-        finally:
-            self._completer.expect_fetch = False
-
-    async def _run(self, start_job: Callable[[ClaimedJob], None]) -> None:
         more = True
         next_due: float | None = None
         batch = max(1, self._slots.size // 2)
@@ -184,21 +178,22 @@ class Producer:
                 )
                 await self._wakeup.wait(wait)
             limit = self._slots.free
-            claimed = await self._claim(limit)
-            if claimed is None:
+            fetched = await self._claim(limit)
+            if fetched is None:
                 more = True  # the fetch failed: try again (after the link's backoff)
                 continue
+            claimed, next_due = fetched
             # Claimed jobs are handed over before anything else can fail.
             for job in claimed:
                 self._slots.take()
                 start_job(job)
             more = len(claimed) == limit
-            # While fetches come back full, completions wait for the next one.
-            self._completer.expect_fetch = more
-            next_due = None if more else await self._next_due()
 
-    async def _claim(self, limit: int) -> list[ClaimedJob] | None:
+    async def _claim(self, limit: int) -> tuple[list[ClaimedJob], float | None] | None:
         """Claim up to `limit` jobs in one statement; None if the fetch failed.
+
+        Returns the jobs and, after a short fetch, the seconds until the next
+        delayed job is due (None if none).
 
         A fetch whose reply is lost may still have committed: its claim id is
         kept, and those jobs are given back (they never ran) before the next
@@ -212,7 +207,7 @@ class Producer:
         started = time.monotonic()
         try:
             with anyio.fail_after(FETCH_TIMEOUT, shield=True):
-                claimed, written = await _store.job_claim(
+                claimed, written, next_due = await _store.job_claim(
                     conn,
                     self._queue.statements,
                     queues=self._queues,
@@ -240,7 +235,7 @@ class Producer:
             self._queue.instrumentation.fetched(
                 self._queues, len(claimed), time.monotonic() - started
             )
-        return claimed
+        return claimed, next_due
 
     async def _release_unconfirmed(self, conn: Connection[Any]) -> bool:
         """Give back the jobs of fetches whose replies were lost; False if that failed."""
@@ -268,16 +263,3 @@ class Producer:
             await self._link.failed(conn, ex)
             return False
         return True
-
-    async def _next_due(self) -> float | None:
-        """Seconds until the next delayed job is due, or None (also when the query fails:
-        polling covers it)."""
-        conn = await self._link.get()
-        try:
-            with anyio.fail_after(FETCH_TIMEOUT, shield=True):
-                return await _store.job_get_next_due(
-                    conn, self._queue.statements, queues=self._queues, tasks=self._tasks
-                )
-        except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as ex:
-            await self._link.failed(conn, ex)
-            return None

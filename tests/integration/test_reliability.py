@@ -433,16 +433,21 @@ async def test_status_of_a_missing_schema_says_how_to_fix(database_dsn: str) -> 
 async def test_claimed_jobs_run_even_if_the_connection_dies_right_after_the_claim(
     queue: Queue, conn: pgoutbox.Connection[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Found by the chaos test: a claim committed, then the follow-up query failed."""
-    real = _producer._store.job_get_next_due
+    """Found by the chaos test: a claim committed, then the next statement failed."""
+    real = _producer._store.job_claim
     failures = [psycopg.OperationalError("server closed the connection (simulated)")]
+    failed = anyio.Event()
+    claimed: list[int] = []
 
-    async def next_due_then_die(*args: Any, **kwargs: Any) -> float | None:
-        if failures:
+    async def claim_then_die(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        if claimed and failures:  # the statement after the claim that got the job
+            failed.set()
             raise failures.pop()
-        return await real(*args, **kwargs)
+        result = await real(*args, **kwargs)
+        claimed.extend(job.id for job in result[0])
+        return result
 
-    monkeypatch.setattr(_producer._store, "job_get_next_due", next_due_then_die)
+    monkeypatch.setattr(_producer._store, "job_claim", claim_then_die)
     seen = Recorder()
 
     @queue.task
@@ -451,9 +456,12 @@ async def test_claimed_jobs_run_even_if_the_connection_dies_right_after_the_clai
 
     async with running(Worker(queue, **FAST)):
         async with conn.transaction():
-            await queue.enqueue(conn, work, 1)
+            job = await queue.enqueue(conn, work, 1)
         await seen.wait_for(1)
-    assert failures == []
+        with anyio.fail_after(WAIT_TIMEOUT):
+            await failed.wait()
+    assert claimed == [job.id]
+    assert (await _job(queue, job.id)).state is JobState.COMPLETED
 
 
 async def test_claim_whose_reply_was_lost_is_given_back(
@@ -462,12 +470,12 @@ async def test_claim_whose_reply_was_lost_is_given_back(
     real = _producer._store.job_claim
     lost: list[int] = []
 
-    async def claim_then_lose_reply(*args: Any, **kwargs: Any) -> tuple[list[Any], set[int]]:
-        claimed, written = await real(*args, **kwargs)
+    async def claim_then_lose_reply(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        claimed, written, next_due = await real(*args, **kwargs)
         if claimed and not lost:
             lost.extend(job.id for job in claimed)
             raise psycopg.OperationalError("reply lost (simulated)")
-        return claimed, written
+        return claimed, written, next_due
 
     monkeypatch.setattr(_producer._store, "job_claim", claim_then_lose_reply)
     seen = Recorder()

@@ -565,7 +565,9 @@ class JobStateMachine(RuleBasedStateMachine):
         batch = data.draw(st.permutations(current + stale), label="batch")
         untouched = {o.id for o in stale} - set(chosen)
         before, written, after = self.db.observed(_store.job_set_outcome_many, batch)
-        assert written == set(chosen), "exactly the current attempts' outcomes are written"
+        assert written == {(o.id, o.attempt) for o in current}, (
+            "exactly the current attempts' outcomes are written"
+        )
         for job_id in untouched:
             assert after[job_id] == before[job_id], f"stale outcome changed job {job_id}"
         for outcome in current:
@@ -884,7 +886,7 @@ async def _lose(
         assert await _store.worker_delete(conn, st_, worker_id=worker) == 1
     elif how == "interrupted":
         outcome = interrupted(job)  # what the worker writes for an attempt cut short
-        assert await _store.job_set_outcome_many(conn, st_, [outcome]) == {job.id}
+        assert await _store.job_set_outcome_many(conn, st_, [outcome]) == {(job.id, job.attempt)}
     else:
         await conn.execute(
             sql.SQL(

@@ -59,7 +59,7 @@ def long_linger(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_completer, "LINGER", WAIT * 10)
 
 
-async def test_completions_are_written_at_once_when_no_fetch_is_coming() -> None:
+async def test_completions_no_fetch_takes_are_written_after_a_while() -> None:
     completer = RecordingCompleter()
     async with running(completer):
         completer.put_nowait(done(1))
@@ -70,13 +70,11 @@ async def test_completions_are_written_at_once_when_no_fetch_is_coming() -> None
 async def test_completions_wait_for_the_fetch_and_leave_with_it() -> None:
     completer = RecordingCompleter()
     async with running(completer):
-        completer.expect_fetch = True
         for job_id in (1, 2, 3):
             assert completer.put_nowait(done(job_id))
         await anyio.wait_all_tasks_blocked()  # the writer looked, and waits
         assert completer.take_completions() == [done(1), done(2), done(3)]
         assert completer.pending == 0
-        completer.expect_fetch = False
     assert completer.batches == []
 
 
@@ -85,7 +83,6 @@ async def test_other_outcomes_are_written_at_once_even_while_a_fetch_is_coming()
     completer = RecordingCompleter()
     failed = Outcome(2, 1, JobState.FAILED, error="{}")
     async with running(completer):
-        completer.expect_fetch = True
         completer.put_nowait(done(1))
         completer.put_nowait(failed)
         assert await completer.next_write() == [done(1), failed]
@@ -94,7 +91,6 @@ async def test_other_outcomes_are_written_at_once_even_while_a_fetch_is_coming()
 async def test_the_fetch_takes_only_completions() -> None:
     completer = RecordingCompleter()
     retry = Outcome(2, 1, JobState.RETRYABLE, delay=1.0, error="{}")
-    completer.expect_fetch = True
     for outcome in (done(1), retry, done(3)):
         completer.put_nowait(outcome)
     assert completer.take_completions() == [done(1), done(3)]
@@ -102,18 +98,16 @@ async def test_the_fetch_takes_only_completions() -> None:
 
 
 @pytest.mark.usefixtures("long_linger")
-async def test_waiting_completions_are_written_when_the_fetch_is_no_longer_coming() -> None:
-    completer = RecordingCompleter()
+async def test_completions_are_written_once_as_many_wait_as_there_are_slots() -> None:
+    completer = RecordingCompleter(capacity=3)
     async with running(completer):
-        completer.expect_fetch = True
-        completer.put_nowait(done(1))
-        completer.expect_fetch = False
-        assert await completer.next_write() == [done(1)]
+        for job_id in (1, 2, 3):
+            completer.put_nowait(done(job_id))
+        assert await completer.next_write() == [done(1), done(2), done(3)]
 
 
 async def test_completions_the_fetch_gave_back_are_written_first() -> None:
     completer = RecordingCompleter()
-    completer.expect_fetch = True
     completer.put_nowait(done(1))
     taken = completer.take_completions()
     completer.put_nowait(done(2))
@@ -123,7 +117,6 @@ async def test_completions_the_fetch_gave_back_are_written_first() -> None:
 
 async def test_a_full_completer_refuses_and_makes_putters_wait() -> None:
     completer = RecordingCompleter(capacity=2)
-    completer.expect_fetch = True
     assert completer.put_nowait(done(1))
     assert completer.put_nowait(done(2))
     assert not completer.put_nowait(done(3))
