@@ -33,7 +33,6 @@ __all__ = [
     "job_complete_fenced",
     "job_count_unfinished",
     "job_get",
-    "job_get_available",
     "job_insert",
     "job_insert_many",
     "job_insert_many_sync",
@@ -226,7 +225,7 @@ async def job_claim(
     queues and tasks is due (None if there is none, or the fetch was full).
     """
     cur = await conn.execute(
-        st.job_get_available,
+        st.job_claim,
         {
             "done_ids": [o.id for o in completed],
             "done_attempts": [o.attempt for o in completed],
@@ -259,23 +258,6 @@ async def job_claim(
         written,
         next_due,
     )
-
-
-async def job_get_available(
-    conn: AnyConnection,
-    st: Statements,
-    *,
-    queues: Sequence[str],
-    tasks: Sequence[str],
-    limit: int,
-    worker_id: str,
-    claim_id: str,
-) -> list[ClaimedJob]:
-    """Claim up to `limit` due jobs of these queues and tasks, marked with `claim_id`."""
-    claimed, _, _ = await job_claim(
-        conn, st, queues=queues, tasks=tasks, limit=limit, worker_id=worker_id, claim_id=claim_id
-    )
-    return claimed
 
 
 async def job_release_claim(

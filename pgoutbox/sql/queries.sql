@@ -64,7 +64,7 @@ WITH jobs AS (
 )
 SELECT id, run_at, (SELECT count(*) FROM notified) FROM jobs ORDER BY id
 
--- name: job_get_available
+-- name: job_claim
 -- Claim up to `limit` due jobs into the worker's free slots and, in the same
 -- statement (one round trip, one commit), complete the attempts listed in
 -- done_ids/done_attempts, fenced like job_complete_many: kept as `completed`,
@@ -137,7 +137,7 @@ RETURNING id
 
 -- name: job_set_outcome_many
 -- A job whose cancel was requested ends `cancelled` instead of waiting again.
--- state::text: as in job_get_available.
+-- state::text: as in job_claim.
 UPDATE {schema}.jobs AS j
 SET state = CASE WHEN j.cancel_requested_at IS NOT NULL
                       AND o.state IN ('available', 'retryable', 'scheduled')

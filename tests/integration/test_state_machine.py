@@ -209,12 +209,18 @@ async def _close(db: _Db) -> None:
             await session.close()
 
 
+async def _claimed(*args: Any, **kwargs: Any) -> list[ClaimedJob]:
+    """The jobs `_store.job_claim` claims (no completions ride along)."""
+    claimed, _, _ = await _store.job_claim(*args, **kwargs)
+    return claimed
+
+
 async def _claim_concurrently(db: _Db, limits: Sequence[int]) -> list[list[ClaimedJob]]:
     """Workers claim at the same time, each on its own session, until one finds nothing."""
     claimed: list[list[ClaimedJob]] = [[] for _ in limits]
 
     async def work(i: int) -> None:
-        while batch := await _store.job_get_available(
+        while batch := await _claimed(
             db.sessions[i],
             db.statements,
             queues=QUEUES,
@@ -448,7 +454,7 @@ class JobStateMachine(RuleBasedStateMachine):
                 self._write_outcomes(data, done)
 
     def _fetch(self, worker: str, queues: list[str], tasks: list[str], limit: int) -> list[int]:
-        """Claim through job_get_available, check the result, return the ids claimed."""
+        """Claim through job_claim, check the result, return the ids claimed."""
         run_at = dict(self.db.rows("SELECT id, run_at FROM {schema}.jobs"))
         eligible = sorted(
             (
@@ -462,7 +468,7 @@ class JobStateMachine(RuleBasedStateMachine):
         claim_id = str(uuid.UUID(int=2**64 + self.fetches))
         self.fetches += 1
         claimed = self.db.call(
-            _store.job_get_available,
+            _claimed,
             self.db.conn,
             self.db.statements,
             queues=queues,
@@ -816,7 +822,7 @@ def test_concurrent_claims_never_share_a_job(
     assert not [job_id for job_id, n in counts.items() if n > 1], "a job claimed twice"
     # Skipped rows another claim had locked (and let go) are left for the next fetch.
     late = db.call(
-        _store.job_get_available,
+        _claimed,
         db.conn,
         db.statements,
         queues=QUEUES,
@@ -863,7 +869,7 @@ async def _claim(
         # embedded server, say) is over at once; expiry is simulated anyway.
         heartbeat_timeout=QUICK_HEARTBEAT_TIMEOUT,
     )
-    return await _store.job_get_available(
+    return await _claimed(
         conn,
         queue.statements,
         queues=["default"],
