@@ -22,8 +22,8 @@ single
     each system's one-job enqueue), from 1 producer and from 16 concurrent
     producers, each on a connection of its own, all in this process.
 notify
-    16 concurrent producers with and without the NOTIFY each enqueue sends
-    (NOTIFY takes a cluster-wide lock at commit). pgoutbox and the yardstick
+    1 producer and 16 concurrent producers, with and without the NOTIFY each
+    enqueue sends (NOTIFY takes a cluster-wide lock at commit). pgoutbox and the yardstick
     skip it on the producer side (pgoutbox: ``Queue(notify=False)``, or on
     older trees a 1 µs delay, which takes its insert path without
     ``pg_notify``); pgqueuer and procrastinate, which NOTIFY from a trigger,
@@ -461,21 +461,23 @@ async def scenario_single(opts: Options, results: Results, name: str) -> None:
 
 async def scenario_notify(opts: Options, results: Results, name: str) -> None:
     s = opts.sizes
-    rates = {}
-    for notify in (True, False):
-        async with system_in_fresh_database(opts, name, notify=notify) as system:
-            rates[notify] = await enqueue_rate(system, s.producers, s.single_many_each)
-        label = f"{s.producers} producers, {'with' if notify else 'without'} NOTIFY"
-        results.add("notify", label, "jobs/s", name, rates[notify], higher_is_better=True)
-        log(f"  notify {name} {label}: {rates[notify]:,.0f} jobs/s")
-    results.add(
-        "notify",
-        "with ÷ without NOTIFY",
-        "x",
-        name,
-        rates[True] / rates[False],
-        higher_is_better=None,
-    )
+    for producers, each in ((1, s.single_one), (s.producers, s.single_many_each)):
+        who = f"{producers} producer{'s' if producers > 1 else ''}"
+        rates = {}
+        for notify in (True, False):
+            async with system_in_fresh_database(opts, name, notify=notify) as system:
+                rates[notify] = await enqueue_rate(system, producers, each)
+            label = f"{who}, {'with' if notify else 'without'} NOTIFY"
+            results.add("notify", label, "jobs/s", name, rates[notify], higher_is_better=True)
+            log(f"  notify {name} {label}: {rates[notify]:,.0f} jobs/s")
+        results.add(
+            "notify",
+            f"{who}: with ÷ without NOTIFY",
+            "x",
+            name,
+            rates[True] / rates[False],
+            higher_is_better=None,
+        )
 
 
 async def scenario_bulk(opts: Options, results: Results, name: str) -> None:
