@@ -7,10 +7,12 @@ Each worker process runs one `Worker` on anyio's asyncio backend, as ``python
 short jobs (docs/how-to/throughput.md): a high concurrency, since a fetch
 under a backlog claims half the slots, and ``completed_retention=0``, which
 deletes each job as it completes. A sweep on the 2-core benchmark machine
-(drain, 50k jobs) gave 1/2 processes: concurrency 200: ~46k/57k jobs/s,
-400: ~58k/69k, 800: ~62k/70k; 400 is kept. Completed jobs kept for an hour
-(the default) cost about a tenth of that. ``PGOUTBOX_BENCH_CONCURRENCY`` and
-``PGOUTBOX_BENCH_COMPLETED_RETENTION`` override both for such sweeps.
+(drain, 50k jobs, medians of 3) gave 1/2 processes: concurrency 200:
+40.9k/49.1k jobs/s, 400: 52.9k/58.7k, 800: 56.3k/67.4k; 400 is kept (more
+buys little and holds more jobs per process). Completed jobs kept for an
+hour (the default) cost about a fifth: 42.0k/48.8k at 400.
+``PGOUTBOX_BENCH_CONCURRENCY`` and ``PGOUTBOX_BENCH_COMPLETED_RETENTION``
+override both for such sweeps.
 """
 
 from __future__ import annotations
