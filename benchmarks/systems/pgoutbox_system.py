@@ -103,7 +103,10 @@ class PgoutboxSystem(System):
 
     @property
     def config(self) -> str:
-        return f"Worker(concurrency={CONCURRENCY}), default poll interval; anyio on asyncio"
+        return (
+            f"Worker(concurrency={CONCURRENCY}, completed_retention={COMPLETED_RETENTION:g}), "
+            "default poll interval; anyio on asyncio"
+        )
 
     async def install(self) -> None:
         queue, _ = make_queue(self.dsn)
