@@ -109,8 +109,8 @@ class Completer:
             self._attention.set()
 
     def _removed(self) -> None:
-        if not self._pending:
-            self._oldest = 0.0
+        """After taking outcomes out: restart the linger clock for what is left, wake putters."""
+        self._oldest = time.monotonic() if self._pending else 0.0
         if self._space_waiters:
             self._space.set()
             self._space = anyio.Event()
@@ -125,7 +125,6 @@ class Completer:
             taken = self._pending[:MAX_BATCH]
             del self._pending[:MAX_BATCH]
         if taken:
-            self._oldest = time.monotonic() if self._pending else 0.0
             self._removed()
         return taken
 
@@ -180,7 +179,6 @@ class Completer:
             batch = self._pending[:MAX_BATCH]
             del self._pending[:MAX_BATCH]
             self._others -= sum(1 for o in batch if o.state is not JobState.COMPLETED)
-            self._oldest = time.monotonic() if self._pending else 0.0
             self._removed()
             await self._write(batch)
 
