@@ -194,6 +194,9 @@ class Task(Generic[P, R]):
         )
         self._names = frozenset(p.name for p in params)
         self._required = frozenset(p.name for p in params if p.default is p.empty)
+        self._required_positional = self._positional is not None and self._required <= set(
+            self._positional
+        )
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R]:
         """Call the handler directly, as if it were not a task."""
@@ -288,10 +291,13 @@ class Task(Generic[P, R]):
         if positional is None or len(args) > len(positional):
             return None
         arguments = dict(zip(positional, args, strict=False))
-        for name in kwargs:
-            if name in arguments or name not in self._names:
-                return None
-        arguments.update(kwargs)
+        if kwargs:
+            for name in kwargs:
+                if name in arguments or name not in self._names:
+                    return None
+            arguments.update(kwargs)
+        elif len(args) == len(positional) and self._required_positional:
+            return arguments  # every parameter given, and none is keyword-only required
         if not self._required <= arguments.keys():
             return None
         return arguments
@@ -411,7 +417,7 @@ def encode_payload(task: str, value: object) -> str:
         text = msgspec.json.encode(value).decode()
     except (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError) as ex:
         raise PayloadError(task, f"cannot encode the arguments as JSON: {ex}") from None
-    if _NUL_ESCAPE.search(text):
+    if "\\u0000" in text and _NUL_ESCAPE.search(text):
         raise PayloadError(
             task, "a string holds a NUL character (\\u0000), which PostgreSQL cannot store"
         )

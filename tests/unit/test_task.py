@@ -121,6 +121,31 @@ def test_task_binds_arguments_as_a_call_would(
         assert task.decode_args(task.encode_args(args, kwargs)) == {"flag": False, **expected}
 
 
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [
+        ((1,), {}),  # token (keyword-only, required) is missing
+        ((1,), {"token": "t"}),
+        ((), {"count": 1, "token": "t"}),
+    ],
+)
+def test_task_binds_a_required_keyword_only_parameter_as_a_call_would(
+    args: tuple[object, ...], kwargs: dict[str, object]
+) -> None:
+    queue = Queue("", schema="unit")
+
+    async def handler(count: int, *, token: str) -> None: ...
+
+    task = queue.task(handler)
+    try:
+        expected = inspect.signature(handler).bind(*args, **kwargs).arguments
+    except TypeError as ex:
+        with pytest.raises(PayloadError, match=re.escape(str(ex))):
+            task.encode_args(args, kwargs)
+    else:
+        assert task.decode_args(task.encode_args(args, kwargs)) == expected
+
+
 def test_task_options_validate_delay_and_run_at() -> None:
     queue = Queue("", schema="unit")
 
