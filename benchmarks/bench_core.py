@@ -37,7 +37,10 @@ drain throughput
     registration included) until the handler has been called N times.
     ``first→last`` is the same count over the span from the first to the last
     handler call, without start-up; ``jobs per fetch`` is N over the worker's
-    fetch count. The worker then stops gracefully and every job must be
+    fetch count; ``Python CPU per job`` is this process's CPU time (the worker
+    runs in it) over the same span as the throughput, divided by N: the
+    worker's own cost per job, steadier than the wall clock on a shared
+    machine. The worker then stops gracefully and every job must be
     ``completed``.
 """
 
@@ -56,7 +59,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from time import perf_counter
+from time import perf_counter, process_time
 from typing import Any, Final
 
 import anyio
@@ -119,6 +122,7 @@ class DrainResult:
     seconds: float
     first_to_last_seconds: float
     fetches: int
+    cpu_seconds: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,6 +392,7 @@ async def measure_drain(dsn: str, schema: str, *, jobs: int, concurrency: int) -
         worker = pgoutbox.Worker(queue, concurrency=concurrency)
         timeout = drain_timeout(jobs)
         started = perf_counter()
+        cpu_started = process_time()
         async with running(worker):
             try:
                 with anyio.fail_after(timeout):
@@ -396,6 +401,7 @@ async def measure_drain(dsn: str, schema: str, *, jobs: int, concurrency: int) -
                 raise RuntimeError(
                     f"drain: {countdown.remaining} of {jobs} jobs not run after {timeout:.0f} s"
                 ) from None
+            cpu_seconds = process_time() - cpu_started
         fetches = worker.statistics().fetches
         check_all_completed(schema, await job_states(dsn, schema), jobs)
     assert countdown.first_at is not None  # noqa: S101 (done is set, so jobs ran)
@@ -405,6 +411,7 @@ async def measure_drain(dsn: str, schema: str, *, jobs: int, concurrency: int) -
         seconds=countdown.last_at - started,
         first_to_last_seconds=countdown.last_at - countdown.first_at,
         fetches=fetches,
+        cpu_seconds=cpu_seconds,
     )
 
 
@@ -464,6 +471,7 @@ def drain_metrics(results: Sequence[DrainResult]) -> list[Metric]:
             [r.jobs / r.first_to_last_seconds for r in results],
         ),
         Metric("drain jobs per fetch", "jobs", [r.jobs / r.fetches for r in results]),
+        Metric("drain Python CPU per job", "µs", [r.cpu_seconds / r.jobs * 1e6 for r in results]),
     ]
 
 
