@@ -124,3 +124,51 @@ async def test_queue_adopts_a_pool_opened_later(database_dsn: str, schema: str) 
             assert again.info.backend_pid == pid
     queue.use_pool(None)
     await queue.aclose()
+
+
+async def test_fetch_candidates_is_planned_once_and_returns_the_fetch_order(queue: Queue) -> None:
+    """The scan of due jobs keeps its plan for the session (PL/pgSQL, generic plan) with
+    the settings that force the ordered index scan, and returns jobs highest priority
+    first, then oldest, then lowest id, across queues, at most `max_jobs`."""
+    schema = sql.Identifier(queue.schema)
+    async with queue.connection() as conn:
+        cur = await conn.execute(
+            "SELECT l.lanname, p.proconfig FROM pg_proc p "
+            "JOIN pg_language l ON l.oid = p.prolang "
+            "JOIN pg_namespace n ON n.oid = p.pronamespace "
+            "WHERE n.nspname = %s AND p.proname = 'fetch_candidates'",
+            [queue.schema],
+        )
+        assert await cur.fetchall() == [
+            (
+                "plpgsql",
+                [
+                    "enable_bitmapscan=off",
+                    "enable_seqscan=off",
+                    "jit=off",
+                    "plan_cache_mode=force_generic_plan",
+                ],
+            )
+        ]
+        await conn.execute(
+            sql.SQL(
+                "INSERT INTO {}.jobs (queue, task, args, max_attempts, priority, run_at) "
+                "SELECT CASE WHEN g % 2 = 0 THEN 'a' ELSE 'b' END, 't', '{{}}', 1, "
+                "CASE WHEN g % 5 = 0 THEN 1 ELSE 0 END, now() - (g % 3) * interval '1 s' "
+                "FROM generate_series(1, 60) AS g"
+            ).format(schema)
+        )
+        cur = await conn.execute(
+            sql.SQL("SELECT id FROM {}.jobs ORDER BY priority DESC, run_at, id LIMIT 25").format(
+                schema
+            )
+        )
+        expected = [row[0] for row in await cur.fetchall()]
+        # Several calls in one session: the later ones run the cached plan.
+        for _ in range(3):
+            async with conn.transaction():
+                cur = await conn.execute(
+                    sql.SQL("SELECT id FROM {}.fetch_candidates(%s, %s, %s)").format(schema),
+                    [["a", "b"], ["t"], 25],
+                )
+                assert [row[0] for row in await cur.fetchall()] == expected
