@@ -5,11 +5,12 @@ from __future__ import annotations
 import inspect
 import random
 import re
+from collections.abc import Callable
 from datetime import datetime
 
 import pytest
 
-from pgoutbox import ConfigurationError, PayloadError, Queue, RetryPolicy, TaskRef
+from pgoutbox import ConfigurationError, PayloadError, Queue, RetryPolicy, Task, TaskRef
 
 
 def test_task_default_name_is_module_and_qualname() -> None:
@@ -92,6 +93,24 @@ def test_task_encode_validates_and_decode_round_trips() -> None:
         book.decode_args('{"room": 1, "when": "2026-01-02T03:04:05Z", "extra": 1}')
 
 
+def _assert_binds_like_a_call(
+    task: Task[..., object],
+    handler: Callable[..., object],
+    args: tuple[object, ...],
+    kwargs: dict[str, object],
+    defaults: dict[str, object],
+) -> None:
+    """`task` accepts exactly the calls `handler` accepts, with the same arguments
+    (plus `defaults`), and refuses the others with the message Python gives."""
+    try:
+        expected = inspect.signature(handler).bind(*args, **kwargs).arguments
+    except TypeError as ex:
+        with pytest.raises(PayloadError, match=re.escape(str(ex))):
+            task.encode_args(args, kwargs)
+    else:
+        assert task.decode_args(task.encode_args(args, kwargs)) == {**defaults, **expected}
+
+
 @pytest.mark.parametrize(
     ("args", "kwargs"),
     [
@@ -111,14 +130,7 @@ def test_task_binds_arguments_as_a_call_would(
 
     async def handler(count: int, name: str, *, flag: bool = False) -> None: ...
 
-    task = queue.task(handler)
-    try:
-        expected = inspect.signature(handler).bind(*args, **kwargs).arguments
-    except TypeError as ex:
-        with pytest.raises(PayloadError, match=re.escape(str(ex))):
-            task.encode_args(args, kwargs)
-    else:
-        assert task.decode_args(task.encode_args(args, kwargs)) == {"flag": False, **expected}
+    _assert_binds_like_a_call(queue.task(handler), handler, args, kwargs, {"flag": False})
 
 
 @pytest.mark.parametrize(
@@ -136,14 +148,7 @@ def test_task_binds_a_required_keyword_only_parameter_as_a_call_would(
 
     async def handler(count: int, *, token: str) -> None: ...
 
-    task = queue.task(handler)
-    try:
-        expected = inspect.signature(handler).bind(*args, **kwargs).arguments
-    except TypeError as ex:
-        with pytest.raises(PayloadError, match=re.escape(str(ex))):
-            task.encode_args(args, kwargs)
-    else:
-        assert task.decode_args(task.encode_args(args, kwargs)) == expected
+    _assert_binds_like_a_call(queue.task(handler), handler, args, kwargs, {})
 
 
 def test_task_options_validate_delay_and_run_at() -> None:
