@@ -13,6 +13,8 @@ from typing import Any
 import msgspec
 import psycopg
 from psycopg import sql
+from psycopg.abc import Params
+from psycopg.rows import tuple_row
 
 from ._job import (
     ClaimedJob,
@@ -53,15 +55,34 @@ __all__ = [
 
 AnyConnection = psycopg.AsyncConnection[Any]
 AnySyncConnection = psycopg.Connection[Any]
+_Query = str | bytes | sql.SQL | sql.Composed
 
 _error_decoder = msgspec.json.Decoder(JobError)
+
+
+async def _execute(
+    conn: AnyConnection, query: _Query, params: Params | None = None, *, binary: bool = False
+) -> psycopg.AsyncCursor[tuple[Any, ...]]:
+    """Run `query` on a cursor of tuples, whatever row factory the caller's connection has."""
+    cur = conn.cursor(row_factory=tuple_row, binary=binary)
+    await cur.execute(query, params)
+    return cur
+
+
+def _execute_sync(
+    conn: AnySyncConnection, query: _Query, params: Params | None = None, *, binary: bool = False
+) -> psycopg.Cursor[tuple[Any, ...]]:
+    """`_execute` on a sync connection."""
+    cur = conn.cursor(row_factory=tuple_row, binary=binary)
+    cur.execute(query, params)
+    return cur
 
 
 async def schema_version(conn: AnyConnection, st: Statements) -> int | None:
     """The highest applied migration, or None when the schema is not installed."""
     try:
         async with conn.transaction():
-            cur = await conn.execute(st.schema_version)
+            cur = await _execute(conn, st.schema_version)
             row = await cur.fetchone()
     except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
         return None
@@ -76,16 +97,16 @@ async def migrate(conn: AnyConnection, st: Statements, schema: str) -> list[int]
     """
     applied_now: list[int] = []
     async with conn.transaction():
-        await conn.execute(st.migration_lock, {"schema": schema})
-        await conn.execute(st.migration_table_create)
-        cur = await conn.execute(st.migration_applied_list)
+        await _execute(conn, st.migration_lock, {"schema": schema})
+        await _execute(conn, st.migration_table_create)
+        cur = await _execute(conn, st.migration_applied_list)
         applied = {row[0] for row in await cur.fetchall()}
         for migration in load_migrations(schema):
             if migration.version in applied:
                 continue
-            await conn.execute(migration.script)
-            await conn.execute(
-                st.migration_record, {"version": migration.version, "name": migration.name}
+            await _execute(conn, migration.script)
+            await _execute(
+                conn, st.migration_record, {"version": migration.version, "name": migration.name}
             )
             applied_now.append(migration.version)
     return applied_now
@@ -174,7 +195,7 @@ async def job_insert(
     One statement keeps the row and its notification atomic even on an
     autocommit connection; in a transaction, both wait for its commit.
     """
-    cur = await conn.execute(*_job_insert_query(st, spec, channel))
+    cur = await _execute(conn, *_job_insert_query(st, spec, channel))
     return _inserted(await cur.fetchone())
 
 
@@ -182,7 +203,7 @@ def job_insert_sync(
     conn: AnySyncConnection, st: Statements, spec: JobSpec, *, channel: str | None
 ) -> tuple[int, datetime]:
     """`job_insert` on a sync connection."""
-    return _inserted(conn.execute(*_job_insert_query(st, spec, channel)).fetchone())
+    return _inserted(_execute_sync(conn, *_job_insert_query(st, spec, channel)).fetchone())
 
 
 async def job_insert_many(
@@ -192,7 +213,7 @@ async def job_insert_many(
 
     Returns (id, run_at) per job, in the order of `specs`.
     """
-    cur = await conn.execute(*_job_insert_many_query(st, specs, channel))
+    cur = await _execute(conn, *_job_insert_many_query(st, specs, channel))
     return [(row[0], row[1]) for row in await cur.fetchall()]
 
 
@@ -200,7 +221,7 @@ def job_insert_many_sync(
     conn: AnySyncConnection, st: Statements, specs: Sequence[JobSpec], *, channel: str | None
 ) -> list[tuple[int, datetime]]:
     """`job_insert_many` on a sync connection."""
-    cur = conn.execute(*_job_insert_many_query(st, specs, channel))
+    cur = _execute_sync(conn, *_job_insert_many_query(st, specs, channel))
     return [(row[0], row[1]) for row in cur.fetchall()]
 
 
@@ -224,7 +245,8 @@ async def job_claim(
     `limit` jobs were claimed, the seconds until the next delayed job of these
     queues and tasks is due (None if there is none, or the fetch was full).
     """
-    cur = await conn.execute(
+    cur = await _execute(
+        conn,
         st.job_claim,
         {
             "done_ids": [o.id for o in completed],
@@ -264,7 +286,7 @@ async def job_release_claim(
     conn: AnyConnection, st: Statements, *, worker_id: str, claim_id: str
 ) -> int:
     """Give back the still-running jobs of one fetch (whose rows never arrived)."""
-    cur = await conn.execute(st.job_release_claim, {"worker_id": worker_id, "claim_id": claim_id})
+    cur = await _execute(conn, st.job_release_claim, {"worker_id": worker_id, "claim_id": claim_id})
     return len(await cur.fetchall())
 
 
@@ -286,7 +308,8 @@ async def job_set_outcome_many(
     completions = [o for o in outcomes if o.state is JobState.COMPLETED]
     written: set[tuple[int, int]] = set()
     if completions and (len(completions) == len(outcomes) or not keep_completed):
-        cur = await conn.execute(
+        cur = await _execute(
+            conn,
             st.job_complete_many,
             {
                 "ids": [o.id for o in completions],
@@ -298,7 +321,8 @@ async def job_set_outcome_many(
         if len(completions) == len(outcomes):
             return written
         outcomes = [o for o in outcomes if o.state is not JobState.COMPLETED]
-    cur = await conn.execute(
+    cur = await _execute(
+        conn,
         st.job_set_outcome_many,
         {
             "ids": [o.id for o in outcomes],
@@ -315,7 +339,7 @@ async def job_set_outcome_many(
 
 async def job_get(conn: AnyConnection, st: Statements, job_id: int) -> JobRecord | None:
     """One job row, or None."""
-    cur = await conn.execute(st.job_get, {"id": job_id})
+    cur = await _execute(conn, st.job_get, {"id": job_id})
     r = await cur.fetchone()
     if r is None:
         return None
@@ -349,7 +373,8 @@ async def worker_register(
     heartbeat_timeout: float,
 ) -> None:
     """Record a live worker (again, if its row was removed)."""
-    await conn.execute(
+    await _execute(
+        conn,
         st.worker_register,
         {
             "id": worker_id,
@@ -365,21 +390,21 @@ async def worker_register(
 
 async def worker_delete(conn: AnyConnection, st: Statements, *, worker_id: str) -> int:
     """Remove a worker's row and make any job it still holds available; return how many."""
-    cur = await conn.execute(st.worker_delete, {"id": worker_id})
+    cur = await _execute(conn, st.worker_delete, {"id": worker_id})
     row = await cur.fetchone()
     return 0 if row is None else int(row[0])
 
 
 async def listen(conn: AnyConnection, channel: str) -> None:
     """LISTEN on `channel` (an identifier, composed safely)."""
-    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+    await _execute(conn, sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
 
 
 async def job_complete_fenced(
     conn: AnyConnection, st: Statements, *, job_id: int, attempt: int
 ) -> bool:
     """Complete a running job if it still runs under `attempt` (in the caller's transaction)."""
-    cur = await conn.execute(st.job_complete_fenced, {"id": job_id, "attempt": attempt})
+    cur = await _execute(conn, st.job_complete_fenced, {"id": job_id, "attempt": attempt})
     return await cur.fetchone() is not None
 
 
@@ -387,7 +412,7 @@ async def job_cancel_waiting(
     conn: AnyConnection, st: Statements, *, job_ids: Sequence[int]
 ) -> list[int]:
     """Cancel the waiting jobs among `job_ids`; return those cancelled."""
-    cur = await conn.execute(st.job_cancel_waiting, {"ids": list(job_ids)})
+    cur = await _execute(conn, st.job_cancel_waiting, {"ids": list(job_ids)})
     return sorted(row[0] for row in await cur.fetchall())
 
 
@@ -395,7 +420,8 @@ async def job_request_cancel_running(
     conn: AnyConnection, st: Statements, *, job_ids: Sequence[int], channel: str, payload: str
 ) -> list[int]:
     """Flag the running jobs among `job_ids` for cancellation and NOTIFY the workers."""
-    cur = await conn.execute(
+    cur = await _execute(
+        conn,
         st.job_request_cancel_running,
         {"ids": list(job_ids), "channel": channel, "payload": payload},
     )
@@ -406,7 +432,7 @@ async def worker_heartbeat(
     conn: AnyConnection, st: Statements, *, worker_id: str
 ) -> tuple[bool, list[int]]:
     """Refresh a worker's heartbeat; return (its row exists, its jobs to cancel)."""
-    cur = await conn.execute(st.worker_heartbeat, {"id": worker_id})
+    cur = await _execute(conn, st.worker_heartbeat, {"id": worker_id})
     row = await cur.fetchone()
     assert row is not None  # noqa: S101 (a SELECT without FROM returns one row)
     return bool(row[0]), list(row[1])
@@ -418,7 +444,7 @@ async def worker_rescue_expired(
     """Remove workers silent past their heartbeat timeout and rescue their jobs, unless
     another worker holds the maintenance lock. Returns (workers removed, jobs rescued).
     """
-    cur = await conn.execute(st.worker_rescue_expired, {"schema": schema})
+    cur = await _execute(conn, st.worker_rescue_expired, {"schema": schema})
     row = await cur.fetchone()
     assert row is not None  # noqa: S101 (a SELECT without FROM returns one row)
     return int(row[0]), int(row[1])
@@ -434,7 +460,8 @@ async def job_prune(
     limit: int,
 ) -> int:
     """Delete up to `limit` finished jobs past their retention; return how many."""
-    cur = await conn.execute(
+    cur = await _execute(
+        conn,
         st.job_prune,
         {
             "schema": schema,
@@ -450,12 +477,12 @@ async def status(conn: AnyConnection, st: Statements) -> QueueStatus:
     """Jobs per queue and state, and the registered workers."""
     per_queue: dict[str, dict[JobState, int]] = {}
     oldest: dict[str, float | None] = {}
-    cur = await conn.execute(st.status_queues)
+    cur = await _execute(conn, st.status_queues)
     for queue, state, count, age in await cur.fetchall():
         per_queue.setdefault(queue, {})[JobState(state)] = count
         if age is not None:
             oldest[queue] = max(age, oldest.get(queue) or 0.0)
-    cur = await conn.execute(st.status_workers)
+    cur = await _execute(conn, st.status_workers)
     workers = tuple(
         WorkerInfo(
             id=r[0],
@@ -480,6 +507,6 @@ async def status(conn: AnyConnection, st: Statements) -> QueueStatus:
 
 async def job_count_unfinished(conn: AnyConnection, st: Statements, *, tasks: Sequence[str]) -> int:
     """Jobs of these tasks running or due now."""
-    cur = await conn.execute(st.job_count_unfinished, {"tasks": list(tasks)})
+    cur = await _execute(conn, st.job_count_unfinished, {"tasks": list(tasks)})
     row = await cur.fetchone()
     return 0 if row is None else int(row[0])

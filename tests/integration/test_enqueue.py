@@ -8,6 +8,7 @@ from typing import Any
 import anyio
 import psycopg
 import pytest
+from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 import pgoutbox
@@ -213,6 +214,27 @@ async def test_enqueue_on_stock_psycopg_connection_and_pool(
         await pool.close()
     assert first.id < second.id
     assert await count_jobs(queue) == 2
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_enqueue_and_cancel_on_a_connection_with_another_row_factory(
+    queue: Queue, database_dsn: str
+) -> None:
+    """Apps often give their connections dict_row: our statements read tuples regardless."""
+
+    @queue.task
+    async def send(to: str) -> None: ...
+
+    async with await psycopg.AsyncConnection.connect(database_dsn, row_factory=dict_row) as stock:
+        async with stock.transaction():
+            one = await queue.enqueue(stock, send, "a@example.com")
+            many = await queue.enqueue_many(stock, [send.bind("b"), send.bind("c")])
+        assert await queue.check_schema(stock) >= 1
+        result = await queue.cancel(stock, one.id)
+        await stock.commit()
+    assert result.cancelled == (one.id,)
+    assert [j.id for j in many] == [one.id + 1, one.id + 2]
+    assert await count_jobs(queue) == 3
 
 
 async def test_enqueue_many_one_statement_one_notify_per_queue(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import psycopg
 import pytest
+from psycopg.rows import dict_row
 
 from pgoutbox import JobState, PayloadError, Queue
 
@@ -53,3 +54,16 @@ async def test_enqueue_sync_through_a_client_side_cursor(queue: Queue, database_
         queue.enqueue_many_sync(sync_conn, [send.bind("b", 1.5), send.options(delay=60).bind("c")])
     assert await count_jobs(queue) == 3
     assert await count_jobs(queue, "state = 'scheduled'") == 1
+
+
+async def test_enqueue_sync_on_a_connection_with_another_row_factory(
+    queue: Queue, database_dsn: str
+) -> None:
+    @queue.task
+    async def send(to: str) -> None: ...
+
+    with psycopg.connect(database_dsn, row_factory=dict_row) as sync_conn:
+        one = queue.enqueue_sync(sync_conn, send, "a@example.com")
+        many = queue.enqueue_many_sync(sync_conn, [send.bind("b"), send.bind("c")])
+    assert [j.id for j in many] == [one.id + 1, one.id + 2]
+    assert await count_jobs(queue) == 3
