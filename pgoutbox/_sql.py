@@ -33,6 +33,7 @@ class Statements:
     job_insert: bytes
     job_insert_notify: bytes
     job_insert_many: bytes
+    job_insert_many_uniform: bytes
     job_claim: bytes
     job_release_claim: bytes
     job_set_outcome_many: bytes

@@ -63,7 +63,12 @@ _error_decoder = msgspec.json.Decoder(JobError)
 async def _execute(
     conn: AnyConnection, query: _Query, params: Params | None = None, *, binary: bool = False
 ) -> psycopg.AsyncCursor[tuple[Any, ...]]:
-    """Run `query` on a cursor of tuples, whatever row factory the caller's connection has."""
+    """Run `query` on a cursor of tuples, whatever row factory the caller's connection has.
+
+    `binary` asks for binary results, unless the connection makes client-side
+    cursors (as Django's backend does), which cannot load them.
+    """
+    binary = binary and not issubclass(conn.cursor_factory, psycopg.AsyncClientCursor)
     cur = conn.cursor(row_factory=tuple_row, binary=binary)
     await cur.execute(query, params)
     return cur
@@ -73,6 +78,7 @@ def _execute_sync(
     conn: AnySyncConnection, query: _Query, params: Params | None = None, *, binary: bool = False
 ) -> psycopg.Cursor[tuple[Any, ...]]:
     """`_execute` on a sync connection."""
+    binary = binary and not issubclass(conn.cursor_factory, psycopg.ClientCursor)
     cur = conn.cursor(row_factory=tuple_row, binary=binary)
     cur.execute(query, params)
     return cur
@@ -149,9 +155,52 @@ class _InsertRow(msgspec.Struct, omit_defaults=True):
 _encode_rows = msgspec.json.Encoder().encode
 
 
+def _uniform(specs: Sequence[JobSpec]) -> bool:
+    """Whether the jobs differ only in their arguments (`job_insert_many_uniform` applies)."""
+    first = specs[0]
+    queue, task, priority, max_attempts = (
+        first.queue,
+        first.task,
+        first.priority,
+        first.max_attempts,
+    )
+    delay, run_at, headers = first.delay, first.run_at, first.headers
+    return all(
+        s.task == task
+        and s.queue == queue
+        and s.priority == priority
+        and s.max_attempts == max_attempts
+        and s.delay == delay
+        and s.run_at == run_at
+        and s.headers == headers
+        for s in specs
+    )
+
+
 def _job_insert_many_query(
     st: Statements, specs: Sequence[JobSpec], channel: str | None
-) -> tuple[bytes, dict[str, Any]]:
+) -> tuple[bytes, dict[str, Any], bool]:
+    """The statement and parameters, and whether it is `job_insert_many_uniform`."""
+    if _uniform(specs):
+        first = specs[0]
+        due = first.due_now()
+        return (
+            st.job_insert_many_uniform,
+            {
+                "queue": first.queue,
+                "task": first.task,
+                "priority": first.priority,
+                "state": "available" if due else "scheduled",
+                "max_attempts": first.max_attempts,
+                "run_at": first.run_at,
+                "delay": float(first.delay),
+                "headers": _headers_json(first),
+                "args": "[" + ",".join([s.args for s in specs]) + "]",
+                "channel": channel or "",
+                "notify": due and channel is not None,
+            },
+            True,
+        )
     rows: list[_InsertRow] = []
     notify_queues: set[str] = set()
     for s in specs:
@@ -171,11 +220,22 @@ def _job_insert_many_query(
                 headers=s.headers or None,
             )
         )
-    return st.job_insert_many, {
-        "jobs": _encode_rows(rows).decode(),
-        "channel": channel or "",
-        "notify_queues": sorted(notify_queues),
-    }
+    return (
+        st.job_insert_many,
+        {
+            "jobs": _encode_rows(rows).decode(),
+            "channel": channel or "",
+            "notify_queues": sorted(notify_queues),
+        },
+        False,
+    )
+
+
+def _inserted_many(rows: list[tuple[Any, ...]], uniform: bool) -> list[tuple[int, datetime]]:
+    if uniform:  # ids, then one row with the run_at they share
+        run_at = rows[-1][1]
+        return [(row[0], run_at) for row in rows[:-1]]
+    return [(row[0], row[1]) for row in rows]
 
 
 def _headers_json(spec: JobSpec) -> str | None:
@@ -213,16 +273,19 @@ async def job_insert_many(
 
     Returns (id, run_at) per job, in the order of `specs`.
     """
-    cur = await _execute(conn, *_job_insert_many_query(st, specs, channel))
-    return [(row[0], row[1]) for row in await cur.fetchall()]
+    query, params, uniform = _job_insert_many_query(st, specs, channel)
+    # Binary results: ids and timestamps load faster than from text.
+    cur = await _execute(conn, query, params, binary=True)
+    return _inserted_many(await cur.fetchall(), uniform)
 
 
 def job_insert_many_sync(
     conn: AnySyncConnection, st: Statements, specs: Sequence[JobSpec], *, channel: str | None
 ) -> list[tuple[int, datetime]]:
     """`job_insert_many` on a sync connection."""
-    cur = _execute_sync(conn, *_job_insert_many_query(st, specs, channel))
-    return [(row[0], row[1]) for row in cur.fetchall()]
+    query, params, uniform = _job_insert_many_query(st, specs, channel)
+    cur = _execute_sync(conn, query, params, binary=True)
+    return _inserted_many(cur.fetchall(), uniform)
 
 
 async def job_claim(

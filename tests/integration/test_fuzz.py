@@ -31,7 +31,15 @@ from hypothesis import strategies as st
 from psycopg import pq, sql
 
 import pgoutbox
-from pgoutbox import ConfigurationError, Job, PayloadError, PgoutboxError, Queue, TaskRef
+from pgoutbox import (
+    ConfigurationError,
+    Job,
+    JobSpec,
+    PayloadError,
+    PgoutboxError,
+    Queue,
+    TaskRef,
+)
 
 T = TypeVar("T")
 
@@ -377,6 +385,44 @@ def test_enqueue_by_name_with_hostile_payload(env: _Env, kwargs: dict[str, Any])
     if row is not None:
         sent = msgspec.json.encode(kwargs).decode()
         assert _json_equal(row["args"], sent), f"stored {row['args']!r}, encoded {sent!r}"
+
+
+async def _enqueue_many_stored(env: _Env, specs: list[JobSpec]) -> list[str]:
+    """enqueue_many `specs` in one committed transaction; the args each job row holds."""
+    async with env.conn.transaction():
+        jobs = await env.queue.enqueue_many(env.conn, specs)
+    assert [j.task for j in jobs] == [s.task for s in specs]
+    stored = dict(
+        await _rows(
+            env, "SELECT id, args::text FROM {schema}.jobs WHERE id = ANY(%s)", [j.id for j in jobs]
+        )
+    )
+    return [stored[j.id] for j in jobs]
+
+
+@settings(FUZZ)
+@given(
+    payloads=st.lists(st.dictionaries(st.text(max_size=6), junk, max_size=3), max_size=4),
+    mixed=st.booleans(),
+)
+@example(payloads=[{"s": "a\x00b"}, {"n": 2**64}, {"d": _Deep(5000)}], mixed=False)
+def test_enqueue_many_with_hostile_payloads(
+    env: _Env, payloads: list[dict[str, Any]], mixed: bool
+) -> None:
+    """enqueue_many stores each accepted payload as encoded, whether its jobs share their
+    task and options (one JSON array of arguments) or not (one JSON object per job)."""
+    specs: list[JobSpec] = []
+    for kwargs in payloads:
+        try:
+            specs.append(TaskRef(name="fuzz.by_name").bind(**_build(kwargs)))
+        except PayloadError:
+            continue
+    if mixed:
+        specs.append(TaskRef(name="fuzz.other", priority=1).bind(x=1))
+    assume(specs)
+    stored = env.call(_enqueue_many_stored, env, specs)
+    for spec, args in zip(specs, stored, strict=True):
+        assert _json_equal(args, spec.args), f"stored {args!r}, encoded {spec.args!r}"
 
 
 @settings(FUZZ)
