@@ -307,6 +307,10 @@ async def job_claim(
     ``completed``, or deleted unless `keep_completed`), and, when fewer than
     `limit` jobs were claimed, the seconds until the next delayed job of these
     queues and tasks is due (None if there is none, or the fetch was full).
+
+    With no `completed`, the statement commits asynchronously (see the SQL):
+    on an autocommit connection, as the worker's is, that saves waiting for
+    the WAL flush.
     """
     cur = await _execute(
         conn,

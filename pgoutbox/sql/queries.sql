@@ -97,6 +97,14 @@ FROM (SELECT count(*) FROM notified) AS n
 -- last row carries only the [id, attempt] pairs completed and, when fewer
 -- than `limit` jobs were claimed, the seconds until the next delayed job of
 -- these queues and tasks is due (NULL if none).
+--
+-- A fetch that completes nothing commits without waiting for its WAL to
+-- reach disk (synchronous_commit off for this transaction only): a claim lost
+-- to a server crash leaves its jobs waiting as before, to run again, which
+-- at-least-once allows, and any later durable commit (a completion, a
+-- handler's transaction) makes it durable first, as WAL is written in order.
+-- Completions must not be lost (the job would stay `running` under a live
+-- worker), so a fetch that carries them commits durably.
 WITH kept AS (
     UPDATE {schema}.jobs AS j
     SET state = 'completed', finished_at = now(), worker_id = NULL, cancel_requested_at = NULL
@@ -130,7 +138,7 @@ WITH kept AS (
               j.created_at, j.headers::text
 )
 SELECT id, queue, task, args, priority, attempt, max_attempts, created_at, headers,
-       NULL::bigint[][], NULL::float8
+       NULL::bigint[][], NULL::float8, NULL::text
 FROM claimed
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
@@ -143,7 +151,9 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
              AND run_at > now()
              AND queue = ANY(%(queues)s::text[])
              AND task = ANY(%(tasks)s::text[])
-       ) END
+       ) END,
+       CASE WHEN cardinality(%(done_ids)s::bigint[]) = 0
+            THEN set_config('synchronous_commit', 'off', true) END
 
 -- name: job_release_claim
 -- Give back the jobs of a fetch whose reply never arrived: they never ran, so

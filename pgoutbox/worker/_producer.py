@@ -155,6 +155,8 @@ class Producer:
         self._completer = completer
         self._keep_completed = keep_completed
         self._unconfirmed: list[str] = []  # claim ids of fetches whose reply was lost
+        self.waiting = False
+        """Whether it sleeps until new work may be there (its last fetch was not full)."""
         self.fetches = 0
         """Fetch statements run."""
         self.claimed = 0
@@ -176,7 +178,14 @@ class Producer:
                 wait = (
                     self._poll_interval if next_due is None else min(self._poll_interval, next_due)
                 )
-                await self._wakeup.wait(wait)
+                if not self._slots.used:
+                    # Idle, and no fetch is coming to carry waiting completions.
+                    self._completer.flush_soon()
+                self.waiting = True
+                try:
+                    await self._wakeup.wait(wait)
+                finally:
+                    self.waiting = False
             limit = self._slots.free
             fetched = await self._claim(limit)
             if fetched is None:

@@ -381,6 +381,10 @@ class Worker:
         finally:
             del self._cancel_scopes[key]
             self._slots.release()
+            if not self._slots.used and self._producer.waiting:
+                # Idle now, and no fetch is coming to carry the outcome: write it,
+                # so the next fetch has none and need not wait for the disk.
+                self._completer.flush_soon()
 
     async def _drain(self, jobs: anyio.abc.TaskGroup) -> None:
         """After fetching stopped: give running jobs the grace period, then cancel them."""

@@ -11,8 +11,19 @@ import pytest
 from psycopg import sql
 
 import pgoutbox
-from pgoutbox import Discard, JobState, Queue, Retry, RetryPolicy, Snooze, Worker, current_job
-from pgoutbox.worker import _listener, _producer
+from pgoutbox import (
+    Discard,
+    JobState,
+    Queue,
+    Retry,
+    RetryPolicy,
+    Snooze,
+    Worker,
+    _store,
+    current_job,
+)
+from pgoutbox._job import ClaimedJob, Outcome
+from pgoutbox.worker import _completer, _listener, _producer
 
 from ._running import WAIT_TIMEOUT, Recorder, count_jobs, running, watching_logs
 
@@ -428,6 +439,91 @@ async def test_signal_delays_of_mixed_number_types_in_one_batch(
 async def test_status_of_a_missing_schema_says_how_to_fix(database_dsn: str) -> None:
     with pytest.raises(pgoutbox.SchemaError, match="migrate"):
         await Queue(database_dsn, schema="never_installed").status()
+
+
+async def test_a_fetch_waits_for_the_disk_only_when_it_completes_attempts(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    """A lost claim only runs a job again; a lost completion would leave it running."""
+
+    @queue.task
+    async def work(i: int) -> None: ...
+
+    async with conn.transaction():
+        await queue.enqueue(conn, work, 1)
+
+    async def claim(completed: list[Outcome]) -> tuple[list[ClaimedJob], set[Any], str]:
+        async with conn.transaction():  # to look at the setting before the commit
+            claimed, written, _ = await _store.job_claim(
+                conn,
+                queue.statements,
+                queues=["default"],
+                tasks=[work.name],
+                limit=10,
+                worker_id=str(uuid.uuid4()),
+                claim_id=str(uuid.uuid4()),
+                completed=completed,
+            )
+            cur = await conn.execute("SHOW synchronous_commit")
+            row = await cur.fetchone()
+        assert row is not None
+        return claimed, written, str(row[0])
+
+    (job,), _, mode = await claim([])
+    assert mode == "off"
+    claimed, written, mode = await claim([Outcome(job.id, job.attempt, JobState.COMPLETED)])
+    assert (claimed, written) == ([], {(job.id, job.attempt)})
+    assert mode != "off"
+    assert (await _job(queue, job.id)).state is JobState.COMPLETED
+
+
+async def test_a_worker_that_falls_idle_writes_outcomes_without_lingering(
+    queue: Queue, conn: pgoutbox.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No fetch is coming to carry them: the next fetch then completes nothing.
+
+    Completions would otherwise wait an hour here (or for a fetch): the last
+    job's is written only if the idle worker writes it itself.
+    """
+    monkeypatch.setattr(_completer, "LINGER", 3600.0)
+    written: set[int] = set()
+    changed = anyio.Event()
+
+    def saw(ids: Any) -> None:
+        nonlocal changed
+        written.update(ids)
+        changed.set()
+        changed = anyio.Event()
+
+    write, claim = _store.job_set_outcome_many, _store.job_claim
+
+    async def spy_write(*args: Any, **kwargs: Any) -> set[tuple[int, int]]:
+        result = await write(*args, **kwargs)
+        saw(job_id for job_id, _attempt in result)
+        return result
+
+    async def spy_claim(*args: Any, **kwargs: Any) -> Any:
+        result = await claim(*args, **kwargs)
+        saw(job_id for job_id, _attempt in result[1])
+        return result
+
+    monkeypatch.setattr(_store, "job_set_outcome_many", spy_write)
+    monkeypatch.setattr(_store, "job_claim", spy_claim)
+    seen = Recorder()
+
+    @queue.task
+    async def work(i: int) -> None:
+        seen.record(i)
+
+    async with running(Worker(queue, poll_interval=3600.0)):
+        for i in range(3):
+            async with conn.transaction():
+                job = await queue.enqueue(conn, work, i)
+            await seen.wait_for(i + 1)
+        with anyio.fail_after(WAIT_TIMEOUT):
+            while job.id not in written:
+                await changed.wait()
+        assert (await _job(queue, job.id)).state is JobState.COMPLETED
 
 
 async def test_claimed_jobs_run_even_if_the_connection_dies_right_after_the_claim(

@@ -79,6 +79,23 @@ async def test_completions_wait_for_the_fetch_and_leave_with_it() -> None:
 
 
 @pytest.mark.usefixtures("long_linger")
+async def test_flush_soon_writes_waiting_completions_without_lingering() -> None:
+    completer = RecordingCompleter()
+    async with running(completer):
+        completer.flush_soon()  # nothing waits: no effect
+        completer.put_nowait(done(1))
+        await anyio.wait_all_tasks_blocked()
+        assert completer.batches == []
+        completer.flush_soon()
+        assert await completer.next_write() == [done(1)]
+        # The hurry ends with the batch: the next completion waits for a fetch again.
+        completer.put_nowait(done(2))
+        await anyio.wait_all_tasks_blocked()
+        assert completer.take_completions() == [done(2)]
+    assert completer.batches == [[done(1)]]
+
+
+@pytest.mark.usefixtures("long_linger")
 async def test_other_outcomes_are_written_at_once_even_while_a_fetch_is_coming() -> None:
     completer = RecordingCompleter()
     failed = Outcome(2, 1, JobState.FAILED, error="{}")
