@@ -38,6 +38,7 @@ class JobContext:
         self.task = job.task
         self.queue = job.queue
         self.attempt = job.attempt
+        self._claim_id = job.claim_id
         self.max_attempts = job.max_attempts
         self._headers = job.headers
         self._completed = False
@@ -90,7 +91,11 @@ class JobContext:
             async with conn.transaction():
                 yield conn
                 if not await _store.job_complete_fenced(
-                    conn, self._queue.statements, job_id=self.id, attempt=self.attempt
+                    conn,
+                    self._queue.statements,
+                    job_id=self.id,
+                    attempt=self.attempt,
+                    claim_id=self._claim_id,
                 ):
                     self._lost = True
                     raise JobLostError(

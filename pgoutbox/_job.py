@@ -126,6 +126,8 @@ class ClaimedJob(msgspec.Struct, frozen=True, kw_only=True):
     max_attempts: int
     created_at: datetime
     headers: str | None = None
+    claim_id: str | None = None
+    """The fetch that claimed it: with the attempt, the fence of its outcome."""
 
 
 class Outcome(msgspec.Struct, frozen=True):
@@ -133,7 +135,8 @@ class Outcome(msgspec.Struct, frozen=True):
 
     `delay` is set when the job goes back to waiting (seconds from now);
     `error` is a JSON-encoded `JobError` when the attempt failed;
-    `extra_attempts` raises max_attempts (a snooze does not spend an attempt).
+    `extra_attempts` raises max_attempts (a snooze does not spend an attempt);
+    `claim_id` is the claim of the attempt (None: fenced by attempt alone).
     """
 
     id: int
@@ -142,6 +145,7 @@ class Outcome(msgspec.Struct, frozen=True):
     delay: float | None = None
     error: str | None = None
     extra_attempts: int = 0
+    claim_id: str | None = None
 
 
 class CancelResult(msgspec.Struct, frozen=True, kw_only=True):

@@ -288,6 +288,11 @@ def job_insert_many_sync(
     return _inserted_many(cur.fetchall(), uniform)
 
 
+def _claims(outcomes: Sequence[Outcome]) -> list[str]:
+    """The distinct claims of `outcomes`: a few per batch (one per fetch that claimed them)."""
+    return list({o.claim_id for o in outcomes if o.claim_id is not None})
+
+
 async def job_claim(
     conn: AnyConnection,
     st: Statements,
@@ -318,6 +323,7 @@ async def job_claim(
         {
             "done_ids": [o.id for o in completed],
             "done_attempts": [o.attempt for o in completed],
+            "done_claims": _claims(completed),
             "keep_completed": keep_completed,
             "queues": list(queues),
             "tasks": list(tasks),
@@ -341,6 +347,7 @@ async def job_claim(
                 max_attempts=r[6],
                 created_at=r[7],
                 headers=r[8],
+                claim_id=claim_id,
             )
             for r in rows[:-1]
         ],
@@ -381,6 +388,7 @@ async def job_set_outcome_many(
             {
                 "ids": [o.id for o in completions],
                 "attempts": [o.attempt for o in completions],
+                "claims": _claims(completions),
                 "keep_completed": keep_completed,
             },
         )
@@ -398,6 +406,7 @@ async def job_set_outcome_many(
             "delays": [None if o.delay is None else float(o.delay) for o in outcomes],
             "errors": [o.error for o in outcomes],
             "extra_attempts": [o.extra_attempts for o in outcomes],
+            "claims": _claims(outcomes),
         },
     )
     written.update((row[0], row[1]) for row in await cur.fetchall())
@@ -468,10 +477,15 @@ async def listen(conn: AnyConnection, channel: str) -> None:
 
 
 async def job_complete_fenced(
-    conn: AnyConnection, st: Statements, *, job_id: int, attempt: int
+    conn: AnyConnection, st: Statements, *, job_id: int, attempt: int, claim_id: str | None = None
 ) -> bool:
-    """Complete a running job if it still runs under `attempt` (in the caller's transaction)."""
-    cur = await _execute(conn, st.job_complete_fenced, {"id": job_id, "attempt": attempt})
+    """Complete a running job if it still runs under `attempt` and the claim `claim_id`
+    (None: any claim), in the caller's transaction."""
+    cur = await _execute(
+        conn,
+        st.job_complete_fenced,
+        {"id": job_id, "attempt": attempt, "claim_id": claim_id},
+    )
     return await cur.fetchone() is not None
 
 

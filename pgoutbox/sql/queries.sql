@@ -112,14 +112,22 @@ WITH kept AS (
     -- state::text, here and in the other fenced writes: compared as an enum,
     -- the planner may walk jobs_running_idx for every id instead of looking
     -- each id up in the primary key.
+    --
+    -- The claims: the claim ids of the fetches that claimed these attempts
+    -- (a few per batch; one per job cost more to send than the write itself).
+    -- A claim lost to a crash gives its attempt number again, and then only
+    -- the claim id tells the run the crash interrupted from the new one. An
+    -- empty list fences by attempt alone.
     WHERE %(keep_completed)s
       AND j.id = o.id AND j.attempt = o.attempt AND j.state::text = 'running'
+      AND (cardinality(%(done_claims)s::uuid[]) = 0 OR j.claim_id = ANY(%(done_claims)s::uuid[]))
     RETURNING j.id, j.attempt
 ), deleted AS (
     DELETE FROM {schema}.jobs AS j
     USING unnest(%(done_ids)s::bigint[], %(done_attempts)s::integer[]) AS o(id, attempt)
     WHERE NOT %(keep_completed)s
       AND j.id = o.id AND j.attempt = o.attempt AND j.state::text = 'running'
+      AND (cardinality(%(done_claims)s::uuid[]) = 0 OR j.claim_id = ANY(%(done_claims)s::uuid[]))
     RETURNING j.id, j.attempt
 ), next AS (
     -- The scan of waiting jobs is a function (migration 5), so that it can
@@ -190,6 +198,7 @@ FROM unnest(
     %(delays)s::float8[], %(errors)s::jsonb[], %(extra_attempts)s::integer[]
 ) AS o(id, attempt, state, delay, error, extra_attempts)
 WHERE j.id = o.id AND j.attempt = o.attempt AND j.state::text = 'running'
+  AND (cardinality(%(claims)s::uuid[]) = 0 OR j.claim_id = ANY(%(claims)s::uuid[]))
 RETURNING j.id, j.attempt
 
 -- name: job_complete_many
@@ -201,12 +210,14 @@ WITH kept AS (
     FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS o(id, attempt)
     WHERE %(keep_completed)s
       AND j.id = o.id AND j.attempt = o.attempt AND j.state::text = 'running'
+      AND (cardinality(%(claims)s::uuid[]) = 0 OR j.claim_id = ANY(%(claims)s::uuid[]))
     RETURNING j.id, j.attempt
 ), deleted AS (
     DELETE FROM {schema}.jobs AS j
     USING unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS o(id, attempt)
     WHERE NOT %(keep_completed)s
       AND j.id = o.id AND j.attempt = o.attempt AND j.state::text = 'running'
+      AND (cardinality(%(claims)s::uuid[]) = 0 OR j.claim_id = ANY(%(claims)s::uuid[]))
     RETURNING j.id, j.attempt
 )
 SELECT id, attempt FROM kept UNION ALL SELECT id, attempt FROM deleted
@@ -250,6 +261,7 @@ SELECT count(*) FROM released
 UPDATE {schema}.jobs
 SET state = 'completed', finished_at = now(), worker_id = NULL, cancel_requested_at = NULL
 WHERE id = %(id)s AND attempt = %(attempt)s AND state = 'running'
+  AND claim_id IS NOT DISTINCT FROM coalesce(%(claim_id)s::uuid, claim_id)
 RETURNING id
 
 -- name: job_cancel_waiting

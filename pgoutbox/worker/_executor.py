@@ -84,7 +84,7 @@ async def _attempt(
             job.id,
             extra=_context(job, event="job.undecodable"),
         )
-        return Outcome(job.id, job.attempt, JobState.FAILED, error=_error(job, ex))
+        return _outcome(job, JobState.FAILED, error=_error(job, ex))
     started = time.monotonic()
     debug = logger.isEnabledFor(logging.DEBUG)  # spare the hot path building `extra`
     if debug:
@@ -109,7 +109,7 @@ async def _attempt(
         return None
     if cancel_scope.cancelled_caught:
         logger.info("job %s cancelled", job.id, extra=_context(job, event="job.cancelled"))
-        return Outcome(job.id, job.attempt, JobState.CANCELLED)
+        return _outcome(job, JobState.CANCELLED)
     if error is None:
         if debug:
             logger.debug(
@@ -117,7 +117,7 @@ async def _attempt(
                 job.id,
                 extra=_context(job, event="job.completed", duration=duration),
             )
-        return Outcome(job.id, job.attempt, JobState.COMPLETED)
+        return _outcome(job, JobState.COMPLETED)
     return _failure(task, job, error, duration)
 
 
@@ -139,7 +139,7 @@ def _failure(
             error.after,
             extra=_context(job, event="job.snoozed", delay=error.after),
         )
-        return Outcome(job.id, job.attempt, JobState.SCHEDULED, delay=error.after, extra_attempts=1)
+        return _outcome(job, JobState.SCHEDULED, delay=error.after, extra_attempts=1)
     # The job's own max_attempts decides: a producer may have set it (TaskRef).
     attempts_left = job.attempt < job.max_attempts
     if isinstance(error, Retry):
@@ -158,9 +158,7 @@ def _failure(
             exc_info=not isinstance(error, JobSignal) and error,
             extra=_context(job, event="job.retrying", duration=duration, delay=delay),
         )
-        return Outcome(
-            job.id, job.attempt, JobState.RETRYABLE, delay=delay, error=_error(job, error)
-        )
+        return _outcome(job, JobState.RETRYABLE, delay=delay, error=_error(job, error))
     logger.error(
         "job %s failed for good on attempt %s: %s",
         job.id,
@@ -169,7 +167,19 @@ def _failure(
         exc_info=not isinstance(error, JobSignal) and error,
         extra=_context(job, event="job.failed", duration=duration),
     )
-    return Outcome(job.id, job.attempt, JobState.FAILED, error=_error(job, error))
+    return _outcome(job, JobState.FAILED, error=_error(job, error))
+
+
+def _outcome(
+    job: ClaimedJob,
+    state: JobState,
+    *,
+    delay: float | None = None,
+    error: str | None = None,
+    extra_attempts: int = 0,
+) -> Outcome:
+    """How `job`'s attempt ended, fenced by its attempt and claim."""
+    return Outcome(job.id, job.attempt, state, delay, error, extra_attempts, job.claim_id)
 
 
 def interrupted(job: ClaimedJob) -> Outcome:
@@ -184,6 +194,4 @@ def interrupted(job: ClaimedJob) -> Outcome:
     )
     # The interrupted attempt is given back (max_attempts + 1; attempt numbers
     # keep growing, so fences stay sound): a deploy must not use up a job.
-    return Outcome(
-        job.id, job.attempt, JobState.AVAILABLE, delay=0.0, error=error, extra_attempts=1
-    )
+    return _outcome(job, JobState.AVAILABLE, delay=0.0, error=error, extra_attempts=1)

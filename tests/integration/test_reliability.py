@@ -477,6 +477,61 @@ async def test_a_fetch_waits_for_the_disk_only_when_it_completes_attempts(
     assert (await _job(queue, job.id)).state is JobState.COMPLETED
 
 
+async def test_outcomes_of_a_claim_lost_to_a_crash_are_fenced_out(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    """A claim forgotten by a crash gives its attempt number again: the claim id tells
+    the two runs apart, so the run the crash interrupted cannot end the new one."""
+
+    @queue.task
+    async def work(i: int) -> None: ...
+
+    async with conn.transaction():
+        await queue.enqueue(conn, work, 1)
+
+    async def claim(completed: list[Outcome] = []) -> tuple[list[ClaimedJob], set[Any]]:  # noqa: B006
+        claimed, written, _ = await _store.job_claim(
+            conn,
+            queue.statements,
+            queues=["default"],
+            tasks=[work.name],
+            limit=10,
+            worker_id=str(uuid.uuid4()),
+            claim_id=str(uuid.uuid4()),
+            completed=completed,
+        )
+        await conn.commit()
+        return claimed, written
+
+    (lost,), _ = await claim()
+    # What recovery does to a claim whose commit never reached the disk:
+    await _execute(
+        queue,
+        "UPDATE {schema}.jobs SET state = 'available', attempt = attempt - 1, "
+        "claim_id = NULL, worker_id = NULL WHERE id = %s",
+        lost.id,
+    )
+    (rerun,), _ = await claim()
+    assert (rerun.id, rerun.attempt) == (lost.id, lost.attempt)
+    assert rerun.claim_id != lost.claim_id
+
+    def outcome(job: ClaimedJob, state: JobState) -> Outcome:
+        return Outcome(job.id, job.attempt, state, claim_id=job.claim_id)
+
+    stale_failure = outcome(lost, JobState.FAILED)
+    assert await _store.job_set_outcome_many(conn, queue.statements, [stale_failure]) == set()
+    stale_done = outcome(lost, JobState.COMPLETED)
+    assert await _store.job_set_outcome_many(conn, queue.statements, [stale_done]) == set()
+    assert not await _store.job_complete_fenced(
+        conn, queue.statements, job_id=lost.id, attempt=lost.attempt, claim_id=lost.claim_id
+    )
+    assert await claim([stale_done]) == ([], set())
+    await conn.commit()
+    assert (await _job(queue, lost.id)).state is JobState.RUNNING
+    assert await claim([outcome(rerun, JobState.COMPLETED)]) == ([], {(rerun.id, rerun.attempt)})
+    assert (await _job(queue, lost.id)).state is JobState.COMPLETED
+
+
 async def test_a_worker_that_falls_idle_writes_outcomes_without_lingering(
     queue: Queue, conn: pgoutbox.Connection[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
