@@ -155,6 +155,12 @@ class _InsertRow(msgspec.Struct, omit_defaults=True):
 _encode_rows = msgspec.json.Encoder().encode
 
 
+def _same_instant(a: datetime | None, b: datetime | None) -> bool:
+    """Equal as instants: `==` ignores `fold` between datetimes of one tzinfo, so two
+    wall times an hour apart in a DST change would compare equal."""
+    return a is not None and b is not None and a == b and a.utcoffset() == b.utcoffset()
+
+
 def _uniform(specs: Sequence[JobSpec]) -> bool:
     """Whether the jobs differ only in their arguments (`job_insert_many_uniform` applies)."""
     first = specs[0]
@@ -171,7 +177,7 @@ def _uniform(specs: Sequence[JobSpec]) -> bool:
         and s.priority == priority
         and s.max_attempts == max_attempts
         and s.delay == delay
-        and s.run_at == run_at
+        and (s.run_at is run_at or _same_instant(s.run_at, run_at))
         and s.headers == headers
         for s in specs
     )

@@ -63,6 +63,10 @@ CLEANUP_TIMEOUT: Final = 10.0
 """Seconds allowed for the final flush of outcomes and unregistering at shutdown."""
 
 
+_NO_RUN: Final = object()
+"""Stands for "no run of this job here" in `Worker._newest_claim` look-ups."""
+
+
 class WorkerStatistics(msgspec.Struct, frozen=True, kw_only=True):
     """A snapshot of a worker's counters, from `Worker.statistics`.
 
@@ -183,8 +187,13 @@ class Worker:
         self._slots = Slots(concurrency)
         self._wakeup = Wakeup()
         self._cancel_hint = Wakeup()
-        # By (job id, attempt): after a rescue one worker may run two attempts.
-        self._cancel_scopes: dict[tuple[int, int], anyio.CancelScope] = {}
+        # By (job id, attempt, claim): after a rescue one worker may run two
+        # attempts of a job, and after a claim lost to a server crash two runs
+        # of the same attempt.
+        self._cancel_scopes: dict[tuple[int, int, str | None], anyio.CancelScope] = {}
+        # The claim of the newest run of each job running here: an older run's
+        # outcome is dropped (see `_run_job`).
+        self._newest_claim: dict[int, str | None] = {}
 
         def conninfo() -> str:  # read at each connect: the DSN may be set after this
             return queue.conninfo
@@ -338,7 +347,7 @@ class Worker:
     def _cancel_running(self, job_ids: Iterable[int]) -> None:
         """Cancel the handlers of these jobs, if they run here."""
         wanted = set(job_ids)
-        for (job_id, _attempt), scope in self._cancel_scopes.items():
+        for (job_id, _attempt, _claim), scope in self._cancel_scopes.items():
             if job_id in wanted and not scope.cancel_called:
                 logger.info(
                     "cancelling job %s on request",
@@ -362,8 +371,9 @@ class Worker:
 
     async def _run_job(self, job: ClaimedJob) -> None:
         """Run `job` and queue its outcome."""
-        key = (job.id, job.attempt)
+        key = (job.id, job.attempt, job.claim_id)
         scope = self._cancel_scopes[key] = anyio.CancelScope()
+        self._newest_claim[job.id] = job.claim_id
         try:
             try:
                 outcome = await execute(
@@ -372,19 +382,48 @@ class Worker:
             except anyio.get_cancelled_exc_class():
                 # If this outcome is never written, unregistering the worker at
                 # cleanup returns the job to the queue all the same.
-                self._completer.put_anyway(interrupted(job))
+                if self._is_newest(job):
+                    self._completer.put_anyway(interrupted(job))
                 raise
+            if outcome is not None and not self._is_newest(job):
+                outcome = None
             if outcome is not None and not self._completer.put_nowait(outcome):
                 # The completer is behind: wait (backpressure).
                 with anyio.move_on_after(CLEANUP_TIMEOUT, shield=True):
                     await self._completer.put(outcome)
         finally:
             del self._cancel_scopes[key]
+            if self._newest_claim.get(job.id, _NO_RUN) == job.claim_id:
+                del self._newest_claim[job.id]
             self._slots.release()
             if not self._slots.used and self._producer.waiting:
                 # Idle now, and no fetch is coming to carry the outcome: write it,
                 # so the next fetch has none and need not wait for the disk.
                 self._completer.flush_soon()
+
+    def _is_newest(self, job: ClaimedJob) -> bool:
+        """Whether `job` is the newest run of its job here; if not, say its outcome is dropped.
+
+        A claim lost to a crash of the server hands out its attempt number
+        again, and this worker may claim the job again while the first run
+        still goes. Both claims can then share one batch of outcomes, where
+        the batch-wide claim fence cannot tell them apart: the older run's
+        outcome is dropped here instead.
+        """
+        if self._newest_claim.get(job.id, _NO_RUN) == job.claim_id:
+            return True
+        logger.warning(
+            "outcome of job %s attempt %s not written: this worker claimed the job again",
+            job.id,
+            job.attempt,
+            extra={
+                "event": "job.outcome_fenced",
+                "job_id": job.id,
+                "attempt": job.attempt,
+                "worker_id": self.id,
+            },
+        )
+        return False
 
     async def _drain(self, jobs: anyio.abc.TaskGroup) -> None:
         """After fetching stopped: give running jobs the grace period, then cancel them."""

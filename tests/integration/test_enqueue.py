@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import anyio
 import msgspec
@@ -312,6 +313,25 @@ async def test_enqueue_many_of_one_task_and_options_writes_what_each_enqueue_wou
     assert timedelta(seconds=59) < delayed < timedelta(seconds=120)
     assert await count_jobs(queue, "state = 'scheduled'") == 6
     assert await count_jobs(queue, 'headers = \'{"t": "1"}\'') == 3
+
+
+async def test_enqueue_many_keeps_run_ats_that_differ_only_in_fold_apart(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    """01:30 on the night clocks go back comes twice; `==` says the two are equal."""
+
+    @queue.task
+    async def send(to: str) -> None: ...
+
+    new_york = ZoneInfo("America/New_York")
+    first = datetime(2030, 11, 3, 1, 30, tzinfo=new_york)
+    second = first.replace(fold=1)
+    assert first == second  # Python's comparison, which the batch must not trust
+    async with conn.transaction():
+        jobs = await queue.enqueue_many(
+            conn, [send.options(run_at=at).bind("a") for at in (first, second)]
+        )
+    assert jobs[1].run_at - jobs[0].run_at == timedelta(hours=1)
 
 
 async def test_enqueue_many_rolls_back_with_the_transaction(

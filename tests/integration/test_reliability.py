@@ -532,6 +532,43 @@ async def test_outcomes_of_a_claim_lost_to_a_crash_are_fenced_out(
     assert (await _job(queue, lost.id)).state is JobState.COMPLETED
 
 
+async def test_a_worker_that_claims_a_job_again_after_a_lost_claim_keeps_the_newest_run(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    """After a claim lost to a crash, this worker may run the same attempt twice: the
+    older run's outcome is dropped, and neither run's bookkeeping upsets the other's."""
+    seen = Recorder()
+    gates = [anyio.Event(), anyio.Event()]
+
+    @queue.task
+    async def work(i: int) -> None:
+        run = len(seen.calls)
+        seen.record(run)
+        await gates[run].wait()
+        if run == 0:
+            raise RuntimeError("the run the crash interrupted fails late")
+
+    with watching_logs() as logs:
+        async with running(Worker(queue, concurrency=4, **FAST)):
+            async with conn.transaction():
+                job = await queue.enqueue(conn, work, 1)
+            await seen.wait_for(1)
+            # What recovery does to a claim whose commit never reached the disk:
+            await _execute(
+                queue,
+                "UPDATE {schema}.jobs SET state = 'available', attempt = attempt - 1, "
+                "claim_id = NULL, worker_id = NULL WHERE id = %s",
+                job.id,
+            )
+            await seen.wait_for(2)  # the same worker claimed it again
+            gates[0].set()
+            await logs.wait_for_event("job.outcome_fenced")
+            assert (await _job(queue, job.id)).state is JobState.RUNNING
+            gates[1].set()  # the newest run completes; the worker writes it as it stops
+    record = await _job(queue, job.id)
+    assert (record.state, record.attempt, record.errors) == (JobState.COMPLETED, 1, ())
+
+
 async def test_a_worker_that_falls_idle_writes_outcomes_without_lingering(
     queue: Queue, conn: pgoutbox.Connection[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
