@@ -6,8 +6,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import anyio
+import msgspec
 import pytest
 
+import pgoutbox
 from pgoutbox._job import ClaimedJob
 from pgoutbox.worker._producer import Feed, Slots
 
@@ -129,3 +131,21 @@ async def test_slots_wake_the_waiter_only_once_enough_are_free() -> None:
 def waking(slots: Slots) -> bool:
     """`slots.waking` read afresh (mypy would otherwise narrow it across awaits)."""
     return slots.waking
+
+
+def test_only_the_newest_run_of_a_job_reports_its_outcome() -> None:
+    """Two runs of one attempt (a claim lost to a crash, then claimed again here): the
+    older run's outcome must not reach the completer, whatever batch it would share."""
+    queue = pgoutbox.Queue("host=unused")
+
+    @queue.task(name="t")
+    async def t() -> None: ...
+
+    worker = pgoutbox.Worker(queue)
+    older = msgspec.structs.replace(job(5), claim_id="claim-a")
+    newer = msgspec.structs.replace(job(5), claim_id="claim-b")
+    worker._newest_claim[5] = newer.claim_id
+    assert worker._is_newest(newer)
+    assert not worker._is_newest(older)
+    del worker._newest_claim[5]  # the newer run ended first
+    assert not worker._is_newest(older)
