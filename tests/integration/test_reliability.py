@@ -441,6 +441,23 @@ async def test_status_of_a_missing_schema_says_how_to_fix(database_dsn: str) -> 
         await Queue(database_dsn, schema="never_installed").status()
 
 
+async def _claim(
+    queue: Queue, conn: pgoutbox.Connection[Any], task: str, completed: list[Outcome]
+) -> tuple[list[ClaimedJob], set[tuple[int, int]]]:
+    """One fetch of the default queue, as a worker with a new id would run it."""
+    claimed, written, _ = await _store.job_claim(
+        conn,
+        queue.statements,
+        queues=["default"],
+        tasks=[task],
+        limit=10,
+        worker_id=str(uuid.uuid4()),
+        claim_id=str(uuid.uuid4()),
+        completed=completed,
+    )
+    return claimed, written
+
+
 async def test_a_fetch_waits_for_the_disk_only_when_it_completes_attempts(
     queue: Queue, conn: pgoutbox.Connection[Any]
 ) -> None:
@@ -454,16 +471,7 @@ async def test_a_fetch_waits_for_the_disk_only_when_it_completes_attempts(
 
     async def claim(completed: list[Outcome]) -> tuple[list[ClaimedJob], set[Any], str]:
         async with conn.transaction():  # to look at the setting before the commit
-            claimed, written, _ = await _store.job_claim(
-                conn,
-                queue.statements,
-                queues=["default"],
-                tasks=[work.name],
-                limit=10,
-                worker_id=str(uuid.uuid4()),
-                claim_id=str(uuid.uuid4()),
-                completed=completed,
-            )
+            claimed, written = await _claim(queue, conn, work.name, completed)
             cur = await conn.execute("SHOW synchronous_commit")
             row = await cur.fetchone()
         assert row is not None
@@ -490,16 +498,7 @@ async def test_outcomes_of_a_claim_lost_to_a_crash_are_fenced_out(
         await queue.enqueue(conn, work, 1)
 
     async def claim(completed: list[Outcome] = []) -> tuple[list[ClaimedJob], set[Any]]:  # noqa: B006
-        claimed, written, _ = await _store.job_claim(
-            conn,
-            queue.statements,
-            queues=["default"],
-            tasks=[work.name],
-            limit=10,
-            worker_id=str(uuid.uuid4()),
-            claim_id=str(uuid.uuid4()),
-            completed=completed,
-        )
+        claimed, written = await _claim(queue, conn, work.name, completed)
         await conn.commit()
         return claimed, written
 
