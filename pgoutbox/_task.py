@@ -290,6 +290,9 @@ class Task(Generic[P, R]):
         positional = self._positional
         if positional is None or len(args) > len(positional):
             return None
+        if not kwargs and len(args) == 1 == len(positional) and self._required_positional:
+            # The commonest call, one argument for one parameter: no zip.
+            return {positional[0]: args[0]}
         arguments = dict(zip(positional, args, strict=False))
         if kwargs:
             for name in kwargs:

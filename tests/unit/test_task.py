@@ -136,6 +136,26 @@ def test_task_binds_arguments_as_a_call_would(
 @pytest.mark.parametrize(
     ("args", "kwargs"),
     [
+        ((1,), {}),  # the one-argument fast path
+        ((), {"count": 1}),
+        ((), {}),  # count is missing
+        ((1, 2), {}),  # one too many
+        ((1,), {"count": 2}),  # count twice
+    ],
+)
+def test_task_binds_a_single_parameter_as_a_call_would(
+    args: tuple[object, ...], kwargs: dict[str, object]
+) -> None:
+    queue = Queue("", schema="unit")
+
+    async def handler(count: int) -> None: ...
+
+    _assert_binds_like_a_call(queue.task(handler), handler, args, kwargs, {})
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [
         ((1,), {}),  # token (keyword-only, required) is missing
         ((1,), {"token": "t"}),
         ((), {"count": 1, "token": "t"}),
