@@ -4,6 +4,10 @@ Statements live in ``pgoutbox/sql/queries.sql`` as ``-- name: <statement>``
 blocks; migrations in ``pgoutbox/sql/migrations/NNNN_<name>.sql``. The only
 template in them is ``{schema}``, filled with `psycopg.sql.Identifier`, so a
 schema name can never inject SQL; every value is a bound parameter.
+
+A block holding the line ``-- plan: per call`` is rendered as `PlannedPerCall`:
+the store runs it unprepared, so PostgreSQL plans it for the table as it is at
+each call rather than keeping a plan made while the table was empty.
 """
 
 from __future__ import annotations
@@ -15,10 +19,18 @@ from importlib import resources
 
 from psycopg import sql
 
-__all__ = ["Migration", "Statements", "load_migrations", "load_statements"]
+__all__ = ["Migration", "PlannedPerCall", "Statements", "load_migrations", "load_statements"]
 
 _NAME_LINE = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 _MIGRATION_FILE = re.compile(r"^(\d{4})_(\w+)\.sql$")
+_PER_CALL_LINE = re.compile(r"^-- plan: per call\s*$", re.MULTILINE)
+
+
+class PlannedPerCall(bytes):
+    """A rendered statement never to be prepared: rarely run, and a plan kept
+    from an empty jobs table would scan the whole table once it has filled."""
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +96,11 @@ def _statement_texts() -> dict[str, str]:
 @cache
 def load_statements(schema: str) -> Statements:
     """Every named statement rendered for `schema` (cached per schema)."""
-    return Statements(**{name: _render(text, schema) for name, text in _statement_texts().items()})
+    rendered: dict[str, bytes] = {}
+    for name, text in _statement_texts().items():
+        query = _render(text, schema)
+        rendered[name] = PlannedPerCall(query) if _PER_CALL_LINE.search(text) else query
+    return Statements(**rendered)
 
 
 @cache

@@ -27,7 +27,7 @@ from ._job import (
     QueueStatus,
     WorkerInfo,
 )
-from ._sql import Statements, load_migrations
+from ._sql import PlannedPerCall, Statements, load_migrations
 
 __all__ = [
     "job_cancel_waiting",
@@ -66,12 +66,18 @@ async def _execute(
     """Run `query` on a cursor of tuples, whatever row factory the caller's connection has.
 
     `binary` asks for binary results, unless the connection makes client-side
-    cursors (as Django's backend does), which cannot load them.
+    cursors (as Django's backend does), which cannot load them. A
+    `PlannedPerCall` statement is never prepared.
     """
     binary = binary and not issubclass(conn.cursor_factory, psycopg.AsyncClientCursor)
     cur = conn.cursor(row_factory=tuple_row, binary=binary)
-    await cur.execute(query, params)
+    await cur.execute(query, params, prepare=_prepare(query))
     return cur
+
+
+def _prepare(query: _Query) -> bool | None:
+    """False for a `PlannedPerCall` statement; None (the connection decides) otherwise."""
+    return False if isinstance(query, PlannedPerCall) else None
 
 
 def _execute_sync(
@@ -80,7 +86,7 @@ def _execute_sync(
     """`_execute` on a sync connection."""
     binary = binary and not issubclass(conn.cursor_factory, psycopg.ClientCursor)
     cur = conn.cursor(row_factory=tuple_row, binary=binary)
-    cur.execute(query, params)
+    cur.execute(query, params, prepare=_prepare(query))
     return cur
 
 

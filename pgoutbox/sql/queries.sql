@@ -1,6 +1,13 @@
 -- Named statements. Each block starts with "-- name: <statement>"; the store
 -- function that runs it has the same name. {schema} is the quoted schema
 -- identifier; values are always bound parameters.
+--
+-- "-- plan: per call" marks a statement the store never prepares, so that
+-- PostgreSQL plans it for the jobs table as it is at each call: a prepared
+-- statement's plan, made once while the table was empty, would keep reading
+-- the whole table after it filled up. Those statements run rarely (heartbeat,
+-- maintenance, admin calls). The per-batch ones are prepared, and their
+-- writes are functions whose plans cannot scan the table (migration 7).
 
 -- name: schema_version
 SELECT max(version) FROM {schema}.migrations
@@ -105,65 +112,35 @@ FROM (SELECT count(*) FROM notified) AS n
 -- handler's transaction) makes it durable first, as WAL is written in order.
 -- Completions must not be lost (the job would stay `running` under a live
 -- worker), so a fetch that carries them commits durably.
-WITH kept AS (
-    UPDATE {schema}.jobs AS j
-    SET state = 'completed', finished_at = now(), worker_id = NULL, cancel_requested_at = NULL
-    FROM unnest(%(done_ids)s::bigint[], %(done_attempts)s::integer[]) AS o(id, attempt)
-    -- state::text, here and in the other fenced writes: compared as an enum,
-    -- the planner may walk jobs_running_idx for every id instead of looking
-    -- each id up in the primary key.
-    --
-    -- The claims: the claim ids of the fetches that claimed these attempts
-    -- (a few per batch; one per job cost more to send than the write itself).
-    -- A claim lost to a crash gives its attempt number again, and then only
-    -- the claim id tells the run the crash interrupted from the new one. An
-    -- empty list fences by attempt alone.
-    WHERE %(keep_completed)s
-      AND j.id = o.id AND j.attempt = o.attempt AND j.state::text = 'running'
-      AND (cardinality(%(done_claims)s::uuid[]) = 0 OR j.claim_id = ANY(%(done_claims)s::uuid[]))
-    RETURNING j.id, j.attempt
-), deleted AS (
-    DELETE FROM {schema}.jobs AS j
-    USING unnest(%(done_ids)s::bigint[], %(done_attempts)s::integer[]) AS o(id, attempt)
-    WHERE NOT %(keep_completed)s
-      AND j.id = o.id AND j.attempt = o.attempt AND j.state::text = 'running'
-      AND (cardinality(%(done_claims)s::uuid[]) = 0 OR j.claim_id = ANY(%(done_claims)s::uuid[]))
-    RETURNING j.id, j.attempt
-), next AS (
-    -- The scan of waiting jobs is a function (migration 5), so that it can
-    -- insist on the ordered index scan.
-    SELECT id FROM {schema}.fetch_candidates(%(queues)s::text[], %(tasks)s::text[], %(limit)s)
+-- The writes are functions (migration 7) whose plans look jobs up by key
+-- even when prepared on an empty table.
+WITH done AS (
+    SELECT id, attempt
+    FROM {schema}.finish_completed(
+        %(done_ids)s::bigint[], %(done_attempts)s::integer[], %(done_claims)s::uuid[],
+        %(keep_completed)s::boolean
+    )
+    WHERE cardinality(%(done_ids)s::bigint[]) > 0
 ), claimed AS (
-    UPDATE {schema}.jobs AS j
-    SET state = 'running',
-        attempt = j.attempt + 1,
-        attempted_at = now(),
-        worker_id = %(worker_id)s,
-        claim_id = %(claim_id)s
-    -- Each id looked up in the primary key, whatever the row estimates say.
-    WHERE j.id = ANY(ARRAY(SELECT id FROM next))
-    RETURNING j.id, j.queue, j.task, j.args::text, j.priority, j.attempt, j.max_attempts,
-              j.created_at, j.headers::text
+    SELECT id, queue, task, args, priority, attempt, max_attempts, created_at, headers
+    FROM {schema}.claim_jobs(
+        %(queues)s::text[], %(tasks)s::text[], %(limit)s::integer, %(worker_id)s::uuid,
+        %(claim_id)s::uuid
+    )
 )
 SELECT id, queue, task, args, priority, attempt, max_attempts, created_at, headers,
        NULL::bigint[][], NULL::float8, NULL::text
 FROM claimed
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-       array(SELECT ARRAY[id, attempt] FROM kept
-             UNION ALL SELECT ARRAY[id, attempt] FROM deleted),
-       CASE WHEN (SELECT count(*) FROM claimed) < %(limit)s THEN (
-           SELECT extract(epoch FROM min(run_at) - now())::float8
-           FROM {schema}.jobs
-           WHERE state IN ('scheduled', 'retryable')
-             AND run_at > now()
-             AND queue = ANY(%(queues)s::text[])
-             AND task = ANY(%(tasks)s::text[])
-       ) END,
+       array(SELECT ARRAY[id, attempt::bigint] FROM done),
+       CASE WHEN (SELECT count(*) FROM claimed) < %(limit)s::integer
+            THEN {schema}.next_due_in(%(queues)s::text[], %(tasks)s::text[]) END,
        CASE WHEN cardinality(%(done_ids)s::bigint[]) = 0
             THEN set_config('synchronous_commit', 'off', true) END
 
 -- name: job_release_claim
+-- plan: per call
 -- Give back the jobs of a fetch whose reply never arrived: they never ran, so
 -- the attempt the claim counted is taken back too (no one can hold a fence on
 -- it). A job whose cancel was requested meanwhile ends `cancelled`.
@@ -179,50 +156,25 @@ WHERE claim_id = %(claim_id)s AND worker_id = %(worker_id)s AND state = 'running
 RETURNING id
 
 -- name: job_set_outcome_many
--- A job whose cancel was requested ends `cancelled` instead of waiting again.
--- state::text: as in job_claim.
-UPDATE {schema}.jobs AS j
-SET state = CASE WHEN j.cancel_requested_at IS NOT NULL
-                      AND o.state IN ('available', 'retryable', 'scheduled')
-                 THEN 'cancelled' ELSE o.state END::{schema}.job_state,
-    run_at = CASE WHEN o.delay IS NULL THEN j.run_at
-                  ELSE now() + o.delay * interval '1 second' END,
-    max_attempts = j.max_attempts + o.extra_attempts,
-    cancel_requested_at = NULL,
-    finished_at = CASE WHEN o.state IN ('completed', 'failed', 'cancelled')
-                         OR j.cancel_requested_at IS NOT NULL THEN now() END,
-    errors = CASE WHEN o.error IS NULL THEN j.errors ELSE array_append(j.errors, o.error) END,
-    worker_id = NULL
-FROM unnest(
+-- A job whose cancel was requested ends `cancelled` instead of waiting again
+-- (see set_outcomes, migration 7).
+SELECT id, attempt
+FROM {schema}.set_outcomes(
     %(ids)s::bigint[], %(attempts)s::integer[], %(states)s::text[],
-    %(delays)s::float8[], %(errors)s::jsonb[], %(extra_attempts)s::integer[]
-) AS o(id, attempt, state, delay, error, extra_attempts)
-WHERE j.id = o.id AND j.attempt = o.attempt AND j.state::text = 'running'
-  AND (cardinality(%(claims)s::uuid[]) = 0 OR j.claim_id = ANY(%(claims)s::uuid[]))
-RETURNING j.id, j.attempt
+    %(delays)s::float8[], %(errors)s::jsonb[], %(extra_attempts)s::integer[],
+    %(claims)s::uuid[]
+)
 
 -- name: job_complete_many
 -- The common case of job_set_outcome_many: attempts that completed, kept as
 -- `completed` or deleted when keep_completed is false.
-WITH kept AS (
-    UPDATE {schema}.jobs AS j
-    SET state = 'completed', finished_at = now(), worker_id = NULL, cancel_requested_at = NULL
-    FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS o(id, attempt)
-    WHERE %(keep_completed)s
-      AND j.id = o.id AND j.attempt = o.attempt AND j.state::text = 'running'
-      AND (cardinality(%(claims)s::uuid[]) = 0 OR j.claim_id = ANY(%(claims)s::uuid[]))
-    RETURNING j.id, j.attempt
-), deleted AS (
-    DELETE FROM {schema}.jobs AS j
-    USING unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS o(id, attempt)
-    WHERE NOT %(keep_completed)s
-      AND j.id = o.id AND j.attempt = o.attempt AND j.state::text = 'running'
-      AND (cardinality(%(claims)s::uuid[]) = 0 OR j.claim_id = ANY(%(claims)s::uuid[]))
-    RETURNING j.id, j.attempt
+SELECT id, attempt
+FROM {schema}.finish_completed(
+    %(ids)s::bigint[], %(attempts)s::integer[], %(claims)s::uuid[], %(keep_completed)s::boolean
 )
-SELECT id, attempt FROM kept UNION ALL SELECT id, attempt FROM deleted
 
 -- name: job_get
+-- plan: per call
 SELECT id, queue, task, args::text, priority, state::text, attempt, max_attempts,
        run_at, created_at, attempted_at, finished_at,
        array(SELECT e::text FROM unnest(errors) AS e)
@@ -238,6 +190,7 @@ VALUES (
 ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()
 
 -- name: worker_delete
+-- plan: per call
 -- A worker leaving gives back the jobs it still holds: their interrupted
 -- attempt is given back too (max_attempts + 1, so attempt numbers keep
 -- growing), and a job whose cancel was requested ends `cancelled`.
@@ -258,19 +211,23 @@ WITH released AS (
 SELECT count(*) FROM released
 
 -- name: job_complete_fenced
-UPDATE {schema}.jobs
-SET state = 'completed', finished_at = now(), worker_id = NULL, cancel_requested_at = NULL
-WHERE id = %(id)s AND attempt = %(attempt)s AND state = 'running'
-  AND claim_id IS NOT DISTINCT FROM coalesce(%(claim_id)s::uuid, claim_id)
-RETURNING id
+-- One attempt, in the caller's transaction; a NULL claim_id fences by attempt
+-- alone. Kept as `completed` whatever the worker's retention.
+SELECT id
+FROM {schema}.finish_completed(
+    ARRAY[%(id)s::bigint], ARRAY[%(attempt)s::integer],
+    array_remove(ARRAY[%(claim_id)s::uuid], NULL), true
+)
 
 -- name: job_cancel_waiting
+-- plan: per call
 UPDATE {schema}.jobs
 SET state = 'cancelled', finished_at = now()
 WHERE id = ANY(%(ids)s::bigint[]) AND state IN ('scheduled', 'available', 'retryable')
 RETURNING id
 
 -- name: job_request_cancel_running
+-- plan: per call
 WITH asked AS (
     UPDATE {schema}.jobs
     SET cancel_requested_at = coalesce(cancel_requested_at, now())
@@ -280,6 +237,7 @@ WITH asked AS (
 SELECT id, pg_notify(%(channel)s, %(payload)s) FROM asked
 
 -- name: worker_heartbeat
+-- plan: per call
 -- Refresh our heartbeat; return whether our row still exists (false: we were
 -- declared dead and our jobs rescued) and which of our jobs should be cancelled.
 WITH beat AS (
@@ -293,6 +251,7 @@ SELECT
     )
 
 -- name: worker_rescue_expired
+-- plan: per call
 -- Remove workers whose heartbeat expired and retry (or fail, when out of
 -- attempts) the jobs they held, and any running job whose worker row is gone.
 -- One statement, so it never shares a transaction with other work on the
@@ -333,6 +292,7 @@ WITH lock AS (
 SELECT (SELECT count(*) FROM dead), (SELECT count(*) FROM rescued)
 
 -- name: job_prune
+-- plan: per call
 -- Delete up to `limit` finished jobs past their retention, unless another
 -- worker holds the maintenance lock.
 WITH lock AS (
@@ -357,6 +317,7 @@ WITH lock AS (
 DELETE FROM {schema}.jobs AS j USING doomed WHERE j.id = doomed.id
 
 -- name: status_queues
+-- plan: per call
 -- Jobs per queue and state, and how long the oldest due job has waited.
 SELECT queue, state::text, count(*),
        extract(epoch FROM now() - min(run_at) FILTER (
@@ -367,6 +328,7 @@ GROUP BY queue, state
 ORDER BY queue, state
 
 -- name: status_workers
+-- plan: per call
 SELECT w.id::text, w.hostname, w.pid, w.queues, w.concurrency, w.started_at,
        extract(epoch FROM now() - w.heartbeat_at)::float8,
        (SELECT count(*) FROM {schema}.jobs AS j WHERE j.worker_id = w.id AND j.state = 'running')
@@ -374,6 +336,7 @@ FROM {schema}.workers AS w
 ORDER BY w.started_at
 
 -- name: job_count_unfinished
+-- plan: per call
 -- Jobs of these tasks that are running or due now (what a drain waits for).
 SELECT count(*)
 FROM {schema}.jobs
