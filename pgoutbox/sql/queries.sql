@@ -112,32 +112,17 @@ FROM (SELECT count(*) FROM notified) AS n
 -- handler's transaction) makes it durable first, as WAL is written in order.
 -- Completions must not be lost (the job would stay `running` under a live
 -- worker), so a fetch that carries them commits durably.
--- The writes are functions (migration 7) whose plans look jobs up by key
--- even when prepared on an empty table.
-WITH done AS (
-    SELECT id, attempt
-    FROM {schema}.finish_completed(
-        %(done_ids)s::bigint[], %(done_attempts)s::integer[], %(done_claims)s::uuid[],
-        %(keep_completed)s::boolean
-    )
-    WHERE cardinality(%(done_ids)s::bigint[]) > 0
-), claimed AS (
-    SELECT id, queue, task, args, priority, attempt, max_attempts, created_at, headers
-    FROM {schema}.claim_jobs(
-        %(queues)s::text[], %(tasks)s::text[], %(limit)s::integer, %(worker_id)s::uuid,
-        %(claim_id)s::uuid
-    )
-)
-SELECT id, queue, task, args, priority, attempt, max_attempts, created_at, headers,
-       NULL::bigint[][], NULL::float8, NULL::text
-FROM claimed
-UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-       array(SELECT ARRAY[id, attempt::bigint] FROM done),
-       CASE WHEN (SELECT count(*) FROM claimed) < %(limit)s::integer
-            THEN {schema}.next_due_in(%(queues)s::text[], %(tasks)s::text[]) END,
-       CASE WHEN cardinality(%(done_ids)s::bigint[]) = 0
+-- The work is one function (migration 7) whose plans look jobs up by key even
+-- when prepared on an empty table; the statement only sets the commit mode.
+SELECT f.id, f.queue, f.task, f.args, f.priority, f.attempt, f.max_attempts, f.created_at,
+       f.headers, f.done, f.next_due,
+       CASE WHEN f.id IS NULL AND cardinality(%(done_ids)s::bigint[]) = 0
             THEN set_config('synchronous_commit', 'off', true) END
+FROM {schema}.fetch_jobs(
+    %(done_ids)s::bigint[], %(done_attempts)s::integer[], %(done_claims)s::uuid[],
+    %(keep_completed)s::boolean, %(queues)s::text[], %(tasks)s::text[], %(limit)s::integer,
+    %(worker_id)s::uuid, %(claim_id)s::uuid
+) AS f
 
 -- name: job_release_claim
 -- plan: per call

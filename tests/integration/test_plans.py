@@ -104,6 +104,8 @@ async def _run_prepared_statements(conn: psycopg.AsyncConnection[Any], st: State
         "worker_id": worker,
     }
     jobs, _, _ = await _store.job_claim(conn, st, claim_id=claim, **claim_args)
+    # A short fetch (of a queue with no jobs) also looks for the next delayed job.
+    await _store.job_claim(conn, st, claim_id=claim, **(claim_args | {"queues": ["plans.none"]}))
     done = [Outcome(j.id, j.attempt, JobState.COMPLETED, claim_id=claim) for j in jobs]
     await _store.job_claim(
         conn, st, claim_id=claim, completed=done[:1], keep_completed=False, **claim_args

@@ -123,14 +123,24 @@ BEGIN
 END
 $body$;
 
--- Claim up to max_jobs due jobs of these queues and tasks for one worker,
--- marked with the fetch's claim id. Returns the claimed jobs.
-CREATE FUNCTION {schema}.claim_jobs(
+-- The worker's fetch: complete the attempts listed (through finish_completed),
+-- then claim up to max_jobs due jobs of these queues and tasks for one worker,
+-- marked with the fetch's claim id. Returns the claimed jobs, then one last row
+-- (id NULL) with the [id, attempt] pairs completed and, when fewer than
+-- max_jobs were claimed, the seconds until the next delayed job of these
+-- queues and tasks is due (NULL if none).
+--
+-- One function for the whole fetch, not one per part: an idle worker's fetch
+-- of one job took 0.12 ms longer with the claim and the due time as two
+-- functions called from the statement, and 0.1-0.2 ms less as one, measured
+-- against the statement of migration 6's time on the 2-core machine.
+CREATE FUNCTION {schema}.fetch_jobs(
+    done_ids bigint[], done_attempts integer[], done_claims uuid[], keep boolean,
     queues text[], tasks text[], max_jobs integer, claimer uuid, claim uuid
 )
 RETURNS TABLE (
     id bigint, queue text, task text, args text, priority smallint, attempt integer,
-    max_attempts integer, created_at timestamptz, headers text
+    max_attempts integer, created_at timestamptz, headers text, done bigint[], next_due float8
 )
 LANGUAGE plpgsql
 VOLATILE
@@ -140,7 +150,16 @@ SET jit = off
 SET plan_cache_mode = force_generic_plan
 AS $body$
 #variable_conflict use_column
+DECLARE
+    written bigint[] := '{{}}';
+    claimed integer;
 BEGIN
+    IF cardinality(done_ids) > 0 THEN
+        SELECT coalesce(array_agg(ARRAY[f.id, f.attempt::bigint]), '{{}}')
+        INTO written
+        FROM {schema}.finish_completed(done_ids, done_attempts, done_claims, keep) AS f;
+    END IF;
+
     RETURN QUERY
     WITH claimed AS (
         UPDATE {schema}.jobs AS j
@@ -155,31 +174,23 @@ BEGIN
         RETURNING j.id, j.queue, j.task, j.args::text AS args, j.priority, j.attempt,
                   j.max_attempts, j.created_at, j.headers::text AS headers
     )
-    SELECT claimed.id, claimed.queue, claimed.task, claimed.args, claimed.priority,
-           claimed.attempt, claimed.max_attempts, claimed.created_at, claimed.headers
-    FROM claimed;
-END
-$body$;
+    SELECT c.id, c.queue, c.task, c.args, c.priority, c.attempt, c.max_attempts, c.created_at,
+           c.headers, NULL::bigint[], NULL::float8
+    FROM claimed AS c;
+    GET DIAGNOSTICS claimed = ROW_COUNT;
 
--- Seconds until the next delayed job of these queues and tasks is due (NULL
--- if none): the walk of jobs_due_idx in run_at order, never a table scan.
-CREATE FUNCTION {schema}.next_due_in(queues text[], tasks text[])
-RETURNS float8
-LANGUAGE plpgsql
-STABLE
-SET enable_bitmapscan = off
-SET enable_seqscan = off
-SET jit = off
-SET plan_cache_mode = force_generic_plan
-AS $body$
-BEGIN
-    RETURN (
-        SELECT extract(epoch FROM min(j.run_at) - now())::float8
-        FROM {schema}.jobs AS j
-        WHERE j.state IN ('scheduled', 'retryable')
-          AND j.run_at > now()
-          AND j.queue = ANY(queues)
-          AND j.task = ANY(tasks)
-    );
+    -- When is the next delayed job due: the walk of jobs_due_idx in run_at
+    -- order, only after a short fetch.
+    RETURN QUERY
+    SELECT NULL::bigint, NULL::text, NULL::text, NULL::text, NULL::smallint, NULL::integer,
+           NULL::integer, NULL::timestamptz, NULL::text, written,
+           CASE WHEN claimed < max_jobs THEN (
+               SELECT extract(epoch FROM min(j.run_at) - now())::float8
+               FROM {schema}.jobs AS j
+               WHERE j.state IN ('scheduled', 'retryable')
+                 AND j.run_at > now()
+                 AND j.queue = ANY(queues)
+                 AND j.task = ANY(tasks)
+           ) END;
 END
 $body$;
