@@ -13,7 +13,9 @@ from typing import Any
 import msgspec
 import psycopg
 from psycopg import sql
-from psycopg.abc import Params
+from psycopg.abc import Buffer, Params
+from psycopg.adapt import Dumper
+from psycopg.postgres import types as pg_types
 from psycopg.rows import tuple_row
 
 from ._job import (
@@ -58,6 +60,37 @@ AnySyncConnection = psycopg.Connection[Any]
 _Query = str | bytes | sql.SQL | sql.Composed
 
 _error_decoder = msgspec.json.Decoder(JobError)
+
+
+class _BigintArray(list[int]):
+    """Integers sent as one ``bigint[]`` literal (job ids of a batch of outcomes).
+
+    psycopg's generic list dumper looks at every element: about 400 µs for the
+    ids and attempts of a batch of 200, paid by every fetch that carries
+    completions. Joining the digits costs a fifth of that.
+    """
+
+
+class _IntegerArray(list[int]):
+    """Integers sent as one ``integer[]`` literal (attempt numbers)."""
+
+
+class _IntArrayDumper(Dumper):
+    def dump(self, obj: list[int]) -> Buffer:
+        return ("{" + ",".join(map(str, obj)) + "}").encode()
+
+
+class _BigintArrayDumper(_IntArrayDumper):
+    oid = pg_types["int8"].array_oid
+
+
+class _IntegerArrayDumper(_IntArrayDumper):
+    oid = pg_types["int4"].array_oid
+
+
+# Connections made before this import fall back to the list dumper: slower, same values.
+psycopg.adapters.register_dumper(_BigintArray, _BigintArrayDumper)
+psycopg.adapters.register_dumper(_IntegerArray, _IntegerArrayDumper)
 
 
 async def _execute(
@@ -333,8 +366,8 @@ async def job_claim(
         conn,
         st.job_claim,
         {
-            "done_ids": [o.id for o in completed],
-            "done_attempts": [o.attempt for o in completed],
+            "done_ids": _BigintArray([o.id for o in completed]),
+            "done_attempts": _IntegerArray([o.attempt for o in completed]),
             "done_claims": _claims(completed),
             "keep_completed": keep_completed,
             "queues": list(queues),
@@ -398,8 +431,8 @@ async def job_set_outcome_many(
             conn,
             st.job_complete_many,
             {
-                "ids": [o.id for o in completions],
-                "attempts": [o.attempt for o in completions],
+                "ids": _BigintArray([o.id for o in completions]),
+                "attempts": _IntegerArray([o.attempt for o in completions]),
                 "claims": _claims(completions),
                 "keep_completed": keep_completed,
             },
@@ -412,8 +445,8 @@ async def job_set_outcome_many(
         conn,
         st.job_set_outcome_many,
         {
-            "ids": [o.id for o in outcomes],
-            "attempts": [o.attempt for o in outcomes],
+            "ids": _BigintArray([o.id for o in outcomes]),
+            "attempts": _IntegerArray([o.attempt for o in outcomes]),
             "states": [o.state.value for o in outcomes],
             "delays": [None if o.delay is None else float(o.delay) for o in outcomes],
             "errors": [o.error for o in outcomes],

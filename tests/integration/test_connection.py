@@ -11,6 +11,7 @@ import pytest
 import trio
 
 import pgoutbox
+from pgoutbox import _store
 from pgoutbox._connection import check_psycopg
 
 pytestmark = pytest.mark.anyio
@@ -144,3 +145,23 @@ def test_connection_stock_psycopg_still_fails_under_trio(database_dsn: str) -> N
     with pytest.raises(RuntimeError, match="no running event loop"):
         trio.run(stock_connect)
     assert "trio" in sys.modules
+
+
+@pytest.mark.parametrize("values", [[], [1], [0, 2**63 - 1, 7, 7]])
+async def test_integer_array_literals_arrive_as_sent(database_dsn: str, values: list[int]) -> None:
+    """The worker's id and attempt arrays skip psycopg's list dumper: same values,
+    same types, prepared or not."""
+    attempts = [v % 2**31 for v in values]
+    async with await pgoutbox.connect(database_dsn, autocommit=True) as conn:
+        for prepare in (False, True):
+            cur = await conn.execute(
+                "SELECT %s::bigint[], %s::integer[], pg_typeof(%s), pg_typeof(%s)",
+                [
+                    _store._BigintArray(values),
+                    _store._IntegerArray(attempts),
+                    _store._BigintArray(values),
+                    _store._IntegerArray(attempts),
+                ],
+                prepare=prepare,
+            )
+            assert await cur.fetchone() == (values, attempts, "bigint[]", "integer[]")
