@@ -17,8 +17,9 @@ with the model and checks the invariants:
   ``finished_at`` exactly when it is completed, failed or cancelled;
 * a fenced write (stale attempt, or a job that is not running) changes no row;
 * a finished job's row never changes again;
-* a claim returns exactly the due, waiting jobs the fetch order picks, never a
-  job someone holds.
+* a fetch makes due delayed jobs available (at most its limit per queue and
+  task, oldest first), then claims exactly the available jobs the fetch order
+  picks, never a job someone holds.
 
 `test_concurrent_claims_never_share_a_job` claims from several sessions at
 once (kept out of the machine: which worker wins a job is up to timing).
@@ -77,6 +78,8 @@ UNKNOWN_ID: Final = 10**12
 CANCEL_PAYLOAD: Final = "!cancel"
 
 WAITING: Final = frozenset({JobState.SCHEDULED, JobState.AVAILABLE, JobState.RETRYABLE})
+DELAYED: Final = frozenset({JobState.SCHEDULED, JobState.RETRYABLE})
+"""Waiting states a fetch makes `available` once due, before it claims."""
 FINAL: Final = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
 OUTCOME_KINDS: Final = ("complete", "fail", "retry", "snooze", "cancel", "interrupt")
 OUTCOME_STATES: Final = (
@@ -456,11 +459,25 @@ class JobStateMachine(RuleBasedStateMachine):
     def _fetch(self, worker: str, queues: list[str], tasks: list[str], limit: int) -> list[int]:
         """Claim through job_claim, check the result, return the ids claimed."""
         run_at = dict(self.db.rows("SELECT id, run_at FROM {schema}.jobs"))
+        # The fetch first makes the due delayed jobs of each of its (queue,
+        # task) pairs available: at most `limit` per pair, oldest first.
+        for queue in queues:
+            for task in tasks:
+                delayed = sorted(
+                    (
+                        j
+                        for j in self.jobs.values()
+                        if j.state in DELAYED and j.due and (j.queue, j.task) == (queue, task)
+                    ),
+                    key=lambda j: (run_at[j.id], j.id),
+                )
+                for j in delayed[:limit]:
+                    j.state = JobState.AVAILABLE
         eligible = sorted(
             (
                 j
                 for j in self.jobs.values()
-                if j.state in WAITING and j.due and j.queue in queues and j.task in tasks
+                if j.state is JobState.AVAILABLE and j.due and j.queue in queues and j.task in tasks
             ),
             key=lambda j: (-j.priority, run_at[j.id], j.id),
         )
