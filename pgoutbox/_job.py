@@ -25,12 +25,14 @@ __all__ = [
 class JobState(StrEnum):
     """Where a job is in its lifecycle.
 
-    ``scheduled``/``available`` → ``running`` → ``completed``, or
-    ``retryable`` → … → ``failed``; ``cancelled`` by `Queue.cancel`.
+    ``scheduled`` → ``available`` → ``running`` → ``completed``, or
+    ``retryable`` → … → ``failed``; ``cancelled`` by `Queue.cancel`. A
+    ``scheduled`` or ``retryable`` job becomes ``available`` at the first fetch
+    after its ``run_at`` by a worker that handles its queue and task.
     """
 
     SCHEDULED = "scheduled"
-    """Enqueued with a delay; runs when ``run_at`` comes."""
+    """Enqueued with a delay, or snoozed; waits for ``run_at``."""
     AVAILABLE = "available"
     """Ready to run now."""
     RUNNING = "running"
