@@ -113,7 +113,9 @@ FROM (SELECT count(*) FROM notified) AS n
 -- Completions must not be lost (the job would stay `running` under a live
 -- worker), so a fetch that carries them commits durably.
 -- The work is one function (migration 7) whose plans look jobs up by key even
--- when prepared on an empty table; the statement only sets the commit mode.
+-- when prepared on an empty table; since migration 8 it first makes the due
+-- delayed jobs of these queues and tasks available. The statement only sets
+-- the commit mode.
 SELECT f.id, f.queue, f.task, f.args, f.priority, f.attempt, f.max_attempts, f.created_at,
        f.headers, f.done, f.next_due,
        CASE WHEN f.id IS NULL AND cardinality(%(done_ids)s::bigint[]) = 0

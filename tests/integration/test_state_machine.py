@@ -812,20 +812,26 @@ def test_job_state_machine(db: _Db) -> None:
 @settings(SETTINGS, max_examples=20)
 @given(
     jobs=st.lists(
-        st.tuples(st.sampled_from(QUEUES), st.sampled_from(TASKS), st.integers(-2, 2)),
+        st.tuples(
+            st.sampled_from(QUEUES),
+            st.sampled_from(TASKS),
+            st.integers(-2, 2),
+            st.sampled_from([JobState.AVAILABLE, *sorted(DELAYED)]),
+        ),
         min_size=1,
         max_size=30,
     ),
     limits=st.lists(st.integers(1, 4), min_size=2, max_size=len(WORKERS)),
 )
 def test_concurrent_claims_never_share_a_job(
-    db: _Db, jobs: list[tuple[str, str, int]], limits: list[int]
+    db: _Db, jobs: list[tuple[str, str, int, JobState]], limits: list[int]
 ) -> None:
-    """Workers claiming at once each get their own jobs, and together every due job once."""
+    """Workers claiming at once each get their own jobs, and together every due job once,
+    also the delayed ones that their fetches make available on the way."""
     db.rows("DELETE FROM {schema}.jobs; DELETE FROM {schema}.workers")
     specs = [
         JobSpec(task=task, queue=queue, priority=priority, max_attempts=1, args="{}")
-        for queue, task, priority in jobs
+        for queue, task, priority, _ in jobs
     ]
     ids = [
         job_id
@@ -833,6 +839,14 @@ def test_concurrent_claims_never_share_a_job(
             _store.job_insert_many, db.conn, db.statements, specs, channel=db.channel
         )
     ]
+    for job_id, (*_, state) in zip(ids, jobs, strict=True):
+        if state is not JobState.AVAILABLE:  # came due a second ago
+            db.rows(
+                "UPDATE {schema}.jobs SET state = %s::text::{schema}.job_state,"
+                " run_at = now() - interval '1 second' WHERE id = %s",
+                state.value,
+                job_id,
+            )
     claimed = db.call(_claim_concurrently, db, limits)
     holder = {c.id: WORKERS[i] for i, batch in enumerate(claimed) for c in batch}
     counts = Counter(c.id for batch in claimed for c in batch)
