@@ -17,7 +17,7 @@ from .._task import Task
 from ..errors import JobLostError, PayloadError
 from ..signals import Discard, JobSignal, Retry, Snooze
 
-__all__ = ["execute", "interrupted"]
+__all__ = ["cancelled", "execute", "interrupted"]
 
 logger = logging.getLogger("pgoutbox.worker")
 
@@ -56,26 +56,33 @@ async def execute(
 ) -> Outcome | None:
     """Run `job` with `task`'s handler and return how the attempt ended.
 
-    `cancel_scope` is cancelled when someone cancels the running job. Returns
-    None when there is nothing left to write: the handler completed the job in
-    its own transaction, or lost it. The handler's exceptions never escape;
-    cancellation of the caller does (use `interrupted` for the outcome then).
+    `cancel_scope` is the scope the caller runs the job in, already entered;
+    it is cancelled when someone cancels this job. Returns None when there is
+    nothing left to write: the handler completed the job in its own
+    transaction, or lost it. The handler's exceptions never escape;
+    cancellation does, also the cancellation of this job (then
+    `cancel_scope.cancel_called` is true: use `cancelled` for the outcome;
+    otherwise the caller is being cancelled: use `interrupted`).
     """
     instrumentation = context.instrumentation
     if instrumentation is None:
-        return await _attempt(task, job, context, cancel_scope)
+        return await _attempt(task, job, context)
     started = time.monotonic()
     with instrumentation.executing(context):
-        outcome = await _attempt(task, job, context, cancel_scope)
+        try:
+            outcome = await _attempt(task, job, context)
+        except anyio.get_cancelled_exc_class():
+            if cancel_scope.cancel_called and not context.lost:
+                state = JobState.COMPLETED if context.completed else JobState.CANCELLED
+                instrumentation.job_finished(context, state, time.monotonic() - started)
+            raise
         if not context.lost:  # a lost attempt's outcome belongs to the attempt that won
             state = JobState.COMPLETED if outcome is None else outcome.state
             instrumentation.job_finished(context, state, time.monotonic() - started)
     return outcome
 
 
-async def _attempt(
-    task: Task[Any, Any], job: ClaimedJob, context: JobContext, cancel_scope: anyio.CancelScope
-) -> Outcome | None:
+async def _attempt(task: Task[Any, Any], job: ClaimedJob, context: JobContext) -> Outcome | None:
     try:
         kwargs = task.decode_args(job.args)
     except PayloadError as ex:
@@ -92,24 +99,18 @@ async def _attempt(
     error: Exception | None = None
     enter(context)
     try:
-        with cancel_scope:
-            if task.timeout is None:
+        if task.timeout is None:
+            await task.fn(**kwargs)
+        else:
+            with anyio.move_on_after(task.timeout) as timeout_scope:
                 await task.fn(**kwargs)
-            else:
-                with anyio.move_on_after(task.timeout) as timeout_scope:
-                    await task.fn(**kwargs)
-                if timeout_scope.cancelled_caught:
-                    error = JobTimeoutError(
-                        f"attempt exceeded the task's timeout of {task.timeout} s"
-                    )
+            if timeout_scope.cancelled_caught:
+                error = JobTimeoutError(f"attempt exceeded the task's timeout of {task.timeout} s")
     except Exception as ex:  # noqa: BLE001 (a handler's failure is an outcome, not a crash)
         error = ex
     duration = time.monotonic() - started
     if context.completed:
         return None
-    if cancel_scope.cancelled_caught:
-        logger.info("job %s cancelled", job.id, extra=_context(job, event="job.cancelled"))
-        return _outcome(job, JobState.CANCELLED)
     if error is None:
         if debug:
             logger.debug(
@@ -180,6 +181,15 @@ def _outcome(
 ) -> Outcome:
     """How `job`'s attempt ended, fenced by its attempt and claim."""
     return Outcome(job.id, job.attempt, state, delay, error, extra_attempts, job.claim_id)
+
+
+def cancelled(job: ClaimedJob, context: JobContext) -> Outcome | None:
+    """The outcome of an attempt cancelled on request while its handler ran: None
+    if the handler had completed the job in its own transaction already."""
+    if context.completed:
+        return None
+    logger.info("job %s cancelled", job.id, extra=_context(job, event="job.cancelled"))
+    return _outcome(job, JobState.CANCELLED)
 
 
 def interrupted(job: ClaimedJob) -> Outcome:

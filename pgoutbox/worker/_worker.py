@@ -21,7 +21,7 @@ from .._queue import Queue
 from .._task import Task, validate_name
 from ..errors import ConfigurationError
 from ._completer import Completer
-from ._executor import execute, interrupted
+from ._executor import cancelled, execute, interrupted
 from ._heartbeat import (
     DEFAULT_COMPLETED_RETENTION,
     DEFAULT_FAILED_RETENTION,
@@ -358,31 +358,45 @@ class Worker:
 
     async def _execute(self, feed: Feed) -> None:
         """An executor: runs the jobs the producer hands over, one at a time, until
-        cancelled."""
+        cancelled.
+
+        Its jobs share one cancel scope, which lets `_cancel_running` stop a
+        handler: entering and leaving an anyio scope costs about 3 µs on
+        asyncio, half of an executor's own time per short job. The scope is
+        cancelled only for the job whose handler runs in it (`_run_job`
+        registers it for that job alone), and the executor leaves it for a new
+        one before it takes the next job. A cancel that arrives after the
+        handler's last checkpoint thus cancels nothing, as with a scope per job.
+        """
         slots = self._slots
         while True:
-            job = await feed.get()
-            if slots.waking:
-                # The producer can fetch now: let it send its fetch before this
-                # executor runs the next job, so the database works on the next
-                # batch while this one runs.
-                await anyio.lowlevel.checkpoint()
-            await self._run_job(job)
+            with anyio.CancelScope() as scope:
+                while not scope.cancel_called:
+                    job = await feed.get()
+                    if slots.waking:
+                        # The producer can fetch now: let it send its fetch before
+                        # this executor runs the next job, so the database works on
+                        # the next batch while this one runs.
+                        await anyio.lowlevel.checkpoint()
+                    await self._run_job(job, scope)
 
-    async def _run_job(self, job: ClaimedJob) -> None:
-        """Run `job` and queue its outcome."""
+    async def _run_job(self, job: ClaimedJob, scope: anyio.CancelScope) -> None:
+        """Run `job` in `scope` (its executor's, entered) and queue its outcome."""
         key = (job.id, job.attempt, job.claim_id)
-        scope = self._cancel_scopes[key] = anyio.CancelScope()
+        self._cancel_scopes[key] = scope
         self._newest_claim[job.id] = job.claim_id
+        context = JobContext(self.queue, job)
         try:
             try:
-                outcome = await execute(
-                    self._tasks[job.task], job, JobContext(self.queue, job), scope
-                )
+                outcome = await execute(self._tasks[job.task], job, context, scope)
             except anyio.get_cancelled_exc_class():
+                if scope.cancel_called:  # this job was cancelled on request
+                    outcome = cancelled(job, context)
+                    if outcome is not None and self._is_newest(job):
+                        self._completer.put_anyway(outcome)
                 # If this outcome is never written, unregistering the worker at
                 # cleanup returns the job to the queue all the same.
-                if self._is_newest(job):
+                elif self._is_newest(job):
                     self._completer.put_anyway(interrupted(job))
                 raise
             if outcome is not None and not self._is_newest(job):

@@ -8,6 +8,7 @@ from typing import Any
 import anyio
 import psycopg
 import pytest
+from anyio.lowlevel import checkpoint
 from psycopg import sql
 
 import pgoutbox
@@ -138,6 +139,61 @@ async def test_cancel_running_job_cancels_its_handler(
         await stopped.wait_for(1)
     record = await _job(queue, job.id)
     assert record.state is JobState.CANCELLED
+
+
+async def test_an_executor_runs_its_next_job_after_one_was_cancelled(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    """An executor's jobs share a cancel scope: after a cancellation it takes a new one."""
+    started = Recorder()
+    finished = Recorder()
+
+    @queue.task
+    async def step(i: int) -> None:
+        started.record(i)
+        if i == 1:
+            await anyio.sleep(WAIT_TIMEOUT * 10)  # until cancelled
+        await checkpoint()
+        finished.record(i)
+
+    async with running(Worker(queue, concurrency=1, **FAST)):  # one executor runs both
+        async with conn.transaction():
+            first = await queue.enqueue(conn, step, 1)
+        await started.wait_for(1)
+        async with conn.transaction():
+            assert (await queue.cancel(conn, first.id)).requested == (first.id,)
+            second = await queue.enqueue(conn, step, 2)
+        assert await finished.wait_for(1) == [2]
+    assert (await _job(queue, first.id)).state is JobState.CANCELLED
+    assert (await _job(queue, second.id)).state is JobState.COMPLETED
+
+
+async def test_a_cancel_that_comes_after_the_handler_returned_spares_the_next_job(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    """A cancel between a handler's last checkpoint and its end cancels nothing: not
+    that job, which completed, and not the next one its executor runs."""
+    finished = Recorder()
+
+    @queue.task
+    async def step(i: int) -> None:
+        if i == 1:
+            # As if the cancel request arrived right now: no checkpoint follows.
+            worker._cancel_running([current_job().id])
+        else:
+            await checkpoint()  # where a cancel left armed would land
+        finished.record(i)
+
+    # Both jobs come in one fetch, and the executor that ran the first takes the
+    # second at once, without a checkpoint between them.
+    worker = Worker(queue, concurrency=2, **FAST)
+    async with running(worker):
+        async with conn.transaction():
+            first = await queue.enqueue(conn, step, 1)
+            second = await queue.enqueue(conn, step, 2)
+        assert sorted(await finished.wait_for(2)) == [1, 2]
+    assert (await _job(queue, first.id)).state is JobState.COMPLETED
+    assert (await _job(queue, second.id)).state is JobState.COMPLETED
 
 
 async def test_rescue_retries_jobs_of_a_dead_worker(
