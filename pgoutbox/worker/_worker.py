@@ -394,9 +394,9 @@ class Worker:
                     outcome = cancelled(job, context)
                     if outcome is not None and self._is_newest(job):
                         self._completer.put_anyway(outcome)
-                # If this outcome is never written, unregistering the worker at
-                # cleanup returns the job to the queue all the same.
-                elif self._is_newest(job):
+                elif self._is_newest(job):  # the worker is stopping
+                    # If this outcome is never written, unregistering the worker
+                    # at cleanup returns the job to the queue all the same.
                     self._completer.put_anyway(interrupted(job))
                 raise
             if outcome is not None and not self._is_newest(job):
