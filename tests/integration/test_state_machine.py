@@ -473,15 +473,32 @@ class JobStateMachine(RuleBasedStateMachine):
                 )
                 for j in delayed[:limit]:
                     j.state = JobState.AVAILABLE
-        eligible = sorted(
-            (
-                j
-                for j in self.jobs.values()
-                if j.state is JobState.AVAILABLE and j.due and j.queue in queues and j.task in tasks
-            ),
-            key=lambda j: (-j.priority, run_at[j.id], j.id),
-        )
-        expected = {j.id for j in eligible[:limit]}
+        # Then it locks the first `limit` jobs of each queue in fetch order that
+        # are of its tasks, or of a task no registered worker runs (every worker
+        # here registers for all of them). It claims the best `limit` of the first,
+        # and sets the others aside as `scheduled`, still due.
+        def order(j: _Job) -> tuple[int, datetime, int]:
+            return (-j.priority, run_at[j.id], j.id)
+
+        nobody = not self.registered
+        heads = [
+            sorted(
+                (
+                    j
+                    for j in self.jobs.values()
+                    if j.state is JobState.AVAILABLE
+                    and j.due
+                    and j.queue == queue
+                    and (j.task in tasks or nobody)
+                ),
+                key=order,
+            )[:limit]
+            for queue in queues
+        ]
+        mine = sorted((j for head in heads for j in head if j.task in tasks), key=order)
+        for j in (j for head in heads for j in head if j.task not in tasks):
+            j.state = JobState.SCHEDULED
+        expected = {j.id for j in mine[:limit]}
         claim_id = str(uuid.UUID(int=2**64 + self.fetches))
         self.fetches += 1
         claimed = self.db.call(

@@ -364,7 +364,29 @@ async def test_worker_never_claims_unregistered_task(
         await seen.wait_for(1)
     record = await queue.get_job(stranger.id)
     assert record is not None
-    assert (record.state, record.attempt) == (JobState.AVAILABLE, 0)
+    # No worker runs its task: the fetch set it aside, untried, until one does.
+    assert (record.state, record.attempt) == (JobState.SCHEDULED, 0)
+
+
+async def test_worker_reaches_its_jobs_behind_many_of_a_task_nobody_runs(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    seen = Recorder()
+
+    @queue.task
+    async def known(i: int) -> None:
+        seen.record(i)
+
+    # Two slots, 40 jobs ahead that no worker runs, and one NOTIFY for all of
+    # them: the worker must keep fetching on its own until it reaches its jobs.
+    async with running(Worker(queue, concurrency=2, poll_interval=NEVER)):
+        async with conn.transaction():
+            for i in range(40):
+                await queue.enqueue(conn, "deployed.tomorrow", i=i)
+            for i in range(3):
+                await queue.enqueue(conn, known, i)
+        assert sorted(await seen.wait_for(3)) == [0, 1, 2]
+    assert await count_jobs(queue, "task = 'deployed.tomorrow' AND state = 'scheduled'") == 40
 
 
 async def test_worker_undecodable_payload_fails_job(
