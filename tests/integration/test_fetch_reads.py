@@ -154,7 +154,7 @@ async def _states(conn: psycopg.AsyncConnection[Any], queue: Queue, task: str) -
         ).format(_jobs(queue)),
         [task],
     )
-    return {state: count for state, count in await cur.fetchall()}
+    return {str(state): int(count) for state, count in await cur.fetchall()}
 
 
 async def _wait(conn: psycopg.AsyncConnection[Any], queue: Queue, task: str, n: int) -> list[int]:
