@@ -473,6 +473,7 @@ class JobStateMachine(RuleBasedStateMachine):
                 )
                 for j in delayed[:limit]:
                     j.state = JobState.AVAILABLE
+
         # Then it locks the first `limit` jobs of each queue in fetch order that
         # are of its tasks, or of a task no registered worker runs (every worker
         # here registers for all of them). It claims the best `limit` of the first,
