@@ -32,7 +32,9 @@ class JobState(StrEnum):
     """
 
     SCHEDULED = "scheduled"
-    """Enqueued with a delay, or snoozed; waits for ``run_at``."""
+    """Enqueued with a delay, or snoozed; waits for ``run_at``. Or due, and set
+    aside by a fetch because no registered worker runs its task in its queue;
+    waits for a worker that does."""
     AVAILABLE = "available"
     """Ready to run now."""
     RUNNING = "running"
