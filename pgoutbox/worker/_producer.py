@@ -202,7 +202,8 @@ class Producer:
         """Claim up to `limit` jobs in one statement; None if the fetch failed.
 
         Returns the jobs and, after a short fetch, the seconds until the next
-        delayed job is due (None if none).
+        delayed job is due (None if none; 0 if the fetch set jobs aside that no
+        worker runs, and this worker's own may wait behind more of them).
 
         A fetch whose reply is lost may still have committed: its claim id is
         kept, and those jobs are given back (they never ran) before the next
