@@ -136,13 +136,16 @@ async def _claim(
     return [row[0] for row in claimed], last[1]
 
 
-async def _register(conn: psycopg.AsyncConnection[Any], queue: Queue, task: str) -> None:
+async def _register(
+    conn: psycopg.AsyncConnection[Any], queue: Queue, task: str, q: str = "default"
+) -> None:
+    """A worker row for `task` in queue `q`."""
     await conn.execute(
         sql.SQL(
             "INSERT INTO {}.workers (id, hostname, pid, queues, tasks, concurrency)"
-            " VALUES (%s, 'reads', 1, ARRAY['default'], ARRAY[%s], 4)"
+            " VALUES (%s, 'reads', 1, ARRAY[%s], ARRAY[%s], 4)"
         ).format(sql.Identifier(queue.schema)),
-        [str(uuid.uuid4()), task],
+        [str(uuid.uuid4()), q, task],
     )
 
 
@@ -181,16 +184,20 @@ async def test_a_fetch_sets_aside_jobs_no_worker_runs_and_reads_past_them_no_mor
             sql.SQL("UPDATE {} SET run_at = now() WHERE id = %s").format(_jobs(queue)), [mine]
         )
         await conn.execute(sql.SQL("VACUUM ANALYZE {}").format(_jobs(queue)))
-        # The head of the queue is 10 of them: they are set aside, nothing is
-        # claimed, and the fetch says to fetch again at once.
+        # The head of the queue is 10 of them: they are set aside with 1,000 more,
+        # nothing is claimed, and the fetch says to fetch again at once.
         assert await _claim(conn, queue, 10, "reads.t") == ([], 0.0)
         assert await _states(conn, queue, "reads.orphan") == {
-            "available": _FILL - 10,
-            "scheduled": 10,
+            "available": _FILL - 1_010,
+            "scheduled": 1_010,
         }
-        # A fetch with room for all of them sets aside the rest and reaches its job.
-        claimed, _ = await _claim(conn, queue, _FILL, "reads.t")
-        assert claimed == [mine]
+        # Even with one free slot, a few more fetches set aside the rest and
+        # reach the worker's job.
+        fetches, claimed = 0, []
+        while not claimed and fetches < 10:
+            claimed, _ = await _claim(conn, queue, 1, "reads.t")
+            fetches += 1
+        assert (claimed, fetches) == ([mine], 5)
         assert await _states(conn, queue, "reads.orphan") == {"scheduled": _FILL}
         # From now on a fetch reads past none of them, once (auto)vacuum has
         # removed the index entries of the rows they were while available.
@@ -224,3 +231,13 @@ async def test_jobs_of_a_task_some_worker_runs_are_not_set_aside(
         claimed, next_due = await _claim(conn, queue, 10, "reads.t")
         assert (claimed, next_due) == ([mine], None)
         assert await _states(conn, queue, "reads.other") == {"available": 3}
+
+
+async def test_only_workers_that_share_the_queue_keep_jobs_from_being_set_aside(
+    queue: Queue, database_dsn: str
+) -> None:
+    async with await pgoutbox.connect(database_dsn, autocommit=True) as conn:
+        await _register(conn, queue, "reads.orphan", "elsewhere")  # runs it, not here
+        await _wait(conn, queue, "reads.orphan", 3)
+        assert await _claim(conn, queue, 10, "reads.t") == ([], 0.0)
+        assert await _states(conn, queue, "reads.orphan") == {"scheduled": 3}

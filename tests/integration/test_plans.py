@@ -62,18 +62,18 @@ async def _empty_and_vacuumed(queue: Queue, dsn: str) -> None:
 
 async def _fill(queue: Queue, dsn: str) -> None:
     """Waiting jobs, with no ANALYZE after them (as between two autoanalyze runs):
-    `_FILL` due, as many delayed or retrying for later, and as many due of a task
-    that no worker runs."""
+    `_FILL` due, as many delayed or retrying for later, and a few due of a task
+    that no worker runs, among them (the fetch sets those aside, one row each)."""
     async with await pgoutbox.connect(dsn, autocommit=True) as admin:
         await admin.execute(
             sql.SQL(
                 "INSERT INTO {} (queue, task, args, max_attempts, state, run_at)"
-                " SELECT 'default', k.task, '{{}}', 3, k.state::text::{}, now() + k.later"
-                " FROM generate_series(1, %s),"
-                " (VALUES ('plans.t', 'available', interval '0'),"
-                "         ('plans.t', 'scheduled', interval '1 day'),"
-                "         ('plans.t', 'retryable', interval '1 day'),"
-                "         ('plans.nobody', 'available', interval '0')) AS k(task, state, later)"
+                " SELECT 'default', CASE WHEN g %% 50 = 0 AND k.state = 'available'"
+                "                        THEN 'plans.nobody' ELSE 'plans.t' END,"
+                "        '{{}}', 3, k.state::text::{}, now() + k.later"
+                " FROM generate_series(1, %s) AS g,"
+                " (VALUES ('available', interval '0'), ('scheduled', interval '1 day'),"
+                "         ('retryable', interval '1 day')) AS k(state, later)"
             ).format(_ident(queue, "jobs"), _ident(queue, "job_state")),
             [_FILL],
         )

@@ -67,6 +67,12 @@ T = TypeVar("T")
 QUEUES: Final = ("q1", "q2")
 TASKS: Final = ("t1", "t2")
 WORKERS: Final = tuple(str(uuid.UUID(int=n)) for n in (1, 2, 3))
+RUNS: Final = {
+    WORKERS[0]: (("q1",), TASKS),
+    WORKERS[1]: (QUEUES, ("t1",)),
+    WORKERS[2]: (QUEUES, ("t1",)),
+}
+"""The queues and tasks each worker registers: only the first runs t2, and only in q1."""
 HEARTBEAT_TIMEOUT: Final = 60.0
 """Small next to the hour a simulated death moves the heartbeat back; large next to a test run."""
 QUICK_HEARTBEAT_TIMEOUT: Final = 0.01
@@ -333,8 +339,8 @@ class JobStateMachine(RuleBasedStateMachine):
             worker_id=worker,
             hostname="state-machine",
             pid=1,
-            queues=QUEUES,
-            tasks=TASKS,
+            queues=RUNS[worker][0],
+            tasks=RUNS[worker][1],
             concurrency=4,
             heartbeat_timeout=HEARTBEAT_TIMEOUT,
         )
@@ -475,13 +481,15 @@ class JobStateMachine(RuleBasedStateMachine):
                     j.state = JobState.AVAILABLE
 
         # Then it locks the first `limit` jobs of each queue in fetch order that
-        # are of its tasks, or of a task no registered worker runs (every worker
-        # here registers for all of them). It claims the best `limit` of the first,
+        # are of its tasks, or of a task that no registered worker sharing a
+        # queue with the fetch runs. It claims the best `limit` of the first,
         # and sets the others aside as `scheduled`, still due.
         def order(j: _Job) -> tuple[int, datetime, int]:
             return (-j.priority, run_at[j.id], j.id)
 
-        nobody = not self.registered
+        run = {
+            task for w in self.registered if set(RUNS[w][0]) & set(queues) for task in RUNS[w][1]
+        }
         heads = [
             sorted(
                 (
@@ -490,15 +498,26 @@ class JobStateMachine(RuleBasedStateMachine):
                     if j.state is JobState.AVAILABLE
                     and j.due
                     and j.queue == queue
-                    and (j.task in tasks or nobody)
+                    and (j.task in tasks or j.task not in run)
                 ),
                 key=order,
             )[:limit]
             for queue in queues
         ]
         mine = sorted((j for head in heads for j in head if j.task in tasks), key=order)
-        for j in (j for head in heads for j in head if j.task not in tasks):
+        unrun = [j for head in heads for j in head if j.task not in tasks]
+        for j in unrun:
             j.state = JobState.SCHEDULED
+        if unrun:  # then up to 1,000 more per queue: here, all of them
+            for j in self.jobs.values():
+                if (
+                    j.state is JobState.AVAILABLE
+                    and j.due
+                    and j.queue in queues
+                    and j.task not in tasks
+                    and j.task not in run
+                ):
+                    j.state = JobState.SCHEDULED
         expected = {j.id for j in mine[:limit]}
         claim_id = str(uuid.UUID(int=2**64 + self.fetches))
         self.fetches += 1
