@@ -103,7 +103,8 @@ FROM (SELECT count(*) FROM notified) AS n
 -- or deleted when keep_completed is false. The claimed jobs come first; one
 -- last row carries only the [id, attempt] pairs completed and, when fewer
 -- than `limit` jobs were claimed, the seconds until the next delayed job of
--- these queues and tasks is due (NULL if none).
+-- these queues and tasks is due (NULL if none; 0 if the fetch set aside jobs
+-- of tasks no worker runs, since migration 9: fetch again at once).
 --
 -- A fetch that completes nothing commits without waiting for its WAL to
 -- reach disk (synchronous_commit off for this transaction only): a claim lost
