@@ -11,9 +11,8 @@
 --
 -- Now fetch_jobs locks, at the head of each queue, its own tasks' jobs and
 -- the jobs of tasks that no row in `workers` runs (among workers that share a
--- queue with the fetch). It claims
--- the first, and sets the second aside as `scheduled`, with their run_at
--- unchanged: they wait in jobs_due_idx by (queue, task), where nothing reads
+-- queue with the fetch). It claims the first, and sets the second aside as
+-- `scheduled`, with their run_at unchanged: they wait in jobs_due_idx by (queue, task), where nothing reads
 -- past them, and the first fetch of a worker that runs their task makes them
 -- `available` again (migration 8's step, oldest first). A fetch that set jobs
 -- aside and came back short reports the next due time as 0, so the worker
@@ -27,6 +26,7 @@
 -- list itself 0.1 ms with 20 workers of 10 tasks, 1.3 ms with 200 of 50.
 -- Once a fetch has met such jobs, it sets aside up to 1,000 more per queue,
 -- however few slots it has free.
+--
 -- fetch_candidates (migration 8), which workers of versions 5 and 6 call, is
 -- unchanged; workers of versions 7 and 8 call fetch_jobs, and set jobs aside too.
 --
