@@ -357,8 +357,8 @@ async def job_claim(
     ``completed``, or deleted unless `keep_completed`), and, when fewer than
     `limit` jobs were claimed, the seconds until the next delayed job of these
     queues and tasks is due (None if there is none, or the fetch was full; 0
-    when the fetch set aside jobs of tasks no registered worker runs, since more
-    of these tasks' jobs may wait behind them: fetch again at once).
+    when the fetch set aside jobs of tasks no registered worker runs, since the
+    worker's own jobs may wait behind more of them: fetch again at once).
 
     With no `completed`, the statement commits asynchronously (see the SQL):
     on an autocommit connection, as the worker's is, that saves waiting for
