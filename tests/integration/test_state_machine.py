@@ -224,6 +224,11 @@ async def _claimed(*args: Any, **kwargs: Any) -> list[ClaimedJob]:
     return claimed
 
 
+CONCURRENT_TASKS: Final = (TASKS, ("t1",), ("t2",))
+"""The tasks each concurrent claimer fetches: with no worker registered, the second and
+third set aside each other's jobs, and every claimer makes them available again."""
+
+
 async def _claim_concurrently(db: _Db, limits: Sequence[int]) -> list[list[ClaimedJob]]:
     """Workers claim at the same time, each on its own session, until one finds nothing."""
     claimed: list[list[ClaimedJob]] = [[] for _ in limits]
@@ -233,7 +238,7 @@ async def _claim_concurrently(db: _Db, limits: Sequence[int]) -> list[list[Claim
             db.sessions[i],
             db.statements,
             queues=QUEUES,
-            tasks=TASKS,
+            tasks=CONCURRENT_TASKS[i],
             limit=limits[i],
             worker_id=WORKERS[i],
             claim_id=str(uuid.uuid4()),
@@ -864,7 +869,8 @@ def test_concurrent_claims_never_share_a_job(
     db: _Db, jobs: list[tuple[str, str, int, JobState]], limits: list[int]
 ) -> None:
     """Workers claiming at once each get their own jobs, and together every due job once,
-    also the delayed ones that their fetches make available on the way."""
+    also the delayed ones that their fetches make available on the way, and those that
+    fetches of other tasks set aside meanwhile."""
     db.rows("DELETE FROM {schema}.jobs; DELETE FROM {schema}.workers")
     specs = [
         JobSpec(task=task, queue=queue, priority=priority, max_attempts=1, args="{}")
