@@ -38,6 +38,20 @@
 -- (tests/integration/test_plans.py). The states are now compared as text,
 -- which no partial index's predicate matches, as in migration 7.
 
+-- The tasks that the registered workers taking jobs from any of these queues
+-- run, from their distinct task lists: what a fetch does not set aside. Plain
+-- SQL, so that PostgreSQL can inline it into the fetch's statements, where it
+-- hashes the result once per fetch.
+CREATE FUNCTION {schema}.tasks_with_workers(queues text[])
+RETURNS SETOF text
+LANGUAGE sql
+STABLE
+AS $body$
+    SELECT t.name
+    FROM (SELECT DISTINCT w.tasks FROM {schema}.workers AS w WHERE w.queues && $1) AS w
+    CROSS JOIN unnest(w.tasks) AS t(name)
+$body$;
+
 CREATE OR REPLACE FUNCTION {schema}.fetch_jobs(
     done_ids bigint[], done_attempts integer[], done_claims uuid[], keep boolean,
     queues text[], tasks text[], max_jobs integer, claimer uuid, claim uuid
@@ -109,13 +123,7 @@ BEGIN
           AND j.run_at <= now()
           AND (j.task = ANY(tasks)
                OR j.task NOT IN (
-                   SELECT wt.name
-                   FROM (
-                       SELECT DISTINCT w.tasks
-                       FROM {schema}.workers AS w
-                       WHERE w.queues && fetch_jobs.queues
-                   ) AS w
-                   CROSS JOIN unnest(w.tasks) AS wt(name)
+                   SELECT r.task FROM {schema}.tasks_with_workers(fetch_jobs.queues) AS r(task)
                ))
         ORDER BY j.priority DESC, j.run_at, j.id
         LIMIT max_jobs
@@ -140,13 +148,7 @@ BEGIN
                   AND j.run_at <= now()
                   AND j.task <> ALL(tasks)
                   AND j.task NOT IN (
-                      SELECT wt.name
-                      FROM (
-                          SELECT DISTINCT w.tasks
-                          FROM {schema}.workers AS w
-                          WHERE w.queues && fetch_jobs.queues
-                      ) AS w
-                      CROSS JOIN unnest(w.tasks) AS wt(name)
+                      SELECT r.task FROM {schema}.tasks_with_workers(fetch_jobs.queues) AS r(task)
                   )
                 ORDER BY j.priority DESC, j.run_at, j.id
                 LIMIT 1000
