@@ -1,24 +1,46 @@
 """What a durable claim costs the database: fetch loops with no handlers behind them.
 
-Run: ``python benchmarks/bench_claim.py [--dsn DSN] [--jobs 50000] [--batch 100] [--runs 5]``.
+Run: ``python benchmarks/bench_claim.py [--dsn DSN] [--jobs 50000] [--batch 100] [--runs 5]
+[--running N]``.
 
-Three loops drain `jobs` pre-loaded rows on one autocommit connection, one
-statement per batch of `batch` rows, and call nothing per row:
+Each loop drains `jobs` pre-loaded rows on one autocommit connection, one
+statement per batch of `batch` rows, and calls nothing per row:
 
 ``delete``
-    The yardstick's statement: ``DELETE ... FOR UPDATE SKIP LOCKED RETURNING``
-    on a two-column table. One write per job, and a job whose worker dies is
-    lost (at-most-once).
+    The yardstick's statement: ``DELETE ... WHERE id IN (SELECT ... FOR UPDATE
+    SKIP LOCKED) RETURNING`` on a two-column table. One write per job, and a
+    job whose worker dies is lost (at-most-once). Every ratio is to this loop.
+``delete, array``
+    The same delete, with the locked ids passed as ``id = ANY(ARRAY(SELECT
+    ...))``: PostgreSQL then looks each row up by key instead of joining a
+    hashed sub-select, which is cheaper. Every claiming loop below uses this
+    form, so this loop is the one to compare them with for the cost of the
+    claim itself.
 ``claim+delete``
     The least an at-least-once queue writes: each statement marks the next
     batch ``running`` under a worker (a new row version, with an entry in a
     partial index of running rows, so that a dead worker's jobs can be found)
     and deletes the batch before it. Two writes per job, both durable.
+``claim+delete, ordered``
+    The same, with jobs taken in pgoutbox's order, by queue, priority and due
+    time (three more columns, and the partial index of waiting jobs on them
+    instead of on the id alone).
+``claim+delete, jobs``
+    The same single statement on pgoutbox's own ``jobs`` table (its columns
+    and indexes), fenced by claim, returning what a worker needs to run a
+    job. What pgoutbox's table costs, without its fetch function.
 ``pgoutbox``
     pgoutbox's own fetch statement on its real schema: it claims the next
     batch for a registered worker and deletes the previous one, fenced by
     attempt and claim, exactly as a worker with ``completed_retention=0``
     sends it, only without running jobs in between.
+``hot-claim+delete``
+    The cheapest durable claim: like ``claim+delete``, but the claim changes no
+    indexed column (the fetch scans the primary key and skips rows that have
+    a worker; nothing indexes a state), so PostgreSQL writes the new row
+    version on the same page, a HOT update, with no index entry (the table
+    has ``fillfactor = 50`` to leave it room). The price is that every fetch
+    reads past every claimed job that is still running: see ``--running``.
 ``lock+delete``
     The claim pgoutbox does not make: each batch is locked with ``SELECT ...
     FOR UPDATE SKIP LOCKED`` in a transaction left open, and deleted in it,
@@ -33,6 +55,13 @@ the whole table, which measures that plan rather than the writes. The loops
 alternate within each run, each on a fresh table or schema, in a throw-away
 database. The ratio to ``delete`` bounds what any queue that writes its claim
 can reach against the yardstick, before Python runs a job.
+
+With ``--running N``, the first N of ``jobs + N`` rows are taken before the
+clock starts, in each loop's own way, and stay taken while the loop drains the
+other ``jobs`` rows: deleted by the deleting loops, claimed by another worker
+for the claiming loops, locked by a second connection's open transaction for
+``lock+delete``. This is a queue with N long-running jobs: a loop whose fetch
+must read past them pays for it at every statement.
 """
 
 from __future__ import annotations
@@ -43,7 +72,7 @@ import secrets
 import statistics
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 import anyio
@@ -53,36 +82,139 @@ from psycopg import sql
 import pgoutbox
 from pgoutbox import _store
 from pgoutbox._job import JobState, Outcome
+from pgoutbox._sql import Statements
 
-LOOPS: Final = ("delete", "claim+delete", "pgoutbox", "lock+delete")
 TASK: Final = "bench.noop"
 
-DELETE_TABLE: Final = "CREATE TABLE q1 (id bigserial PRIMARY KEY, payload jsonb NOT NULL)"
-DELETE_FETCH: Final = (
-    "DELETE FROM q1 WHERE id IN (SELECT id FROM q1 ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) "
-    "RETURNING id, (payload->>'i')::int8"
-)
-CLAIM_TABLE: Final = (
-    "CREATE TABLE q2 (id bigserial PRIMARY KEY, payload jsonb NOT NULL, "
-    "state text NOT NULL DEFAULT 'available', worker text, attempt int NOT NULL DEFAULT 0, "
-    "claimed_at timestamptz) WITH (fillfactor = 80);"
-    "CREATE INDEX q2_fetch ON q2 (id) WHERE state = 'available';"
-    "CREATE INDEX q2_running ON q2 (worker) WHERE state = 'running'"
-)
-CLAIM_FETCH: Final = (
-    "WITH done AS (DELETE FROM q2 WHERE id = ANY(%s) AND state = 'running'), "
-    "claimed AS (UPDATE q2 SET state = 'running', worker = %s, attempt = attempt + 1, "
-    "claimed_at = now() WHERE id IN (SELECT id FROM q2 WHERE state = 'available' "
-    "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id, (payload->>'i')::int8) "
-    "SELECT * FROM claimed"
-)
-LOCK_TABLE: Final = CLAIM_TABLE.replace("q2", "q3")
+Params = Sequence[object] | Mapping[str, object]
+"""Parameters of a loop's statement."""
+ParamsOf = Callable[[list[int], str, int], Params]
+"""A loop's statement parameters from (the previous batch's ids, the claimer, the limit)."""
+
+
+def _limit_only(_done: list[int], _worker: str, limit: int) -> Params:
+    return [limit]
+
+
+def _claim_params(done: list[int], worker: str, limit: int) -> Params:
+    return {"done": done, "worker": worker, "limit": limit}
+
+
+class StatementLoop:
+    """A loop that drains one table with one statement per batch."""
+
+    def __init__(self, table: str, create: str, statement: str, params: ParamsOf) -> None:
+        self.table = table
+        self.create = create
+        self.statement = statement
+        self.params = params
+
+
+STATEMENT_LOOPS: Final = {
+    "delete": StatementLoop(
+        "q1",
+        "CREATE TABLE q1 (id bigserial PRIMARY KEY, payload jsonb NOT NULL)",
+        "DELETE FROM q1 WHERE id IN ("
+        "SELECT id FROM q1 ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) "
+        "RETURNING id, (payload->>'i')::int8",
+        _limit_only,
+    ),
+    "delete, array": StatementLoop(
+        "q5",
+        "CREATE TABLE q5 (id bigserial PRIMARY KEY, payload jsonb NOT NULL)",
+        "DELETE FROM q5 WHERE id = ANY(ARRAY("
+        "SELECT id FROM q5 ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)) "
+        "RETURNING id, (payload->>'i')::int8",
+        _limit_only,
+    ),
+    "claim+delete": StatementLoop(
+        "q2",
+        "CREATE TABLE q2 (id bigserial PRIMARY KEY, payload jsonb NOT NULL, "
+        "state text NOT NULL DEFAULT 'available', worker text, attempt int NOT NULL DEFAULT 0, "
+        "claimed_at timestamptz) WITH (fillfactor = 80);"
+        "CREATE INDEX q2_fetch ON q2 (id) WHERE state = 'available';"
+        "CREATE INDEX q2_running ON q2 (worker) WHERE state = 'running'",
+        "WITH done AS (DELETE FROM q2 WHERE id = ANY(%(done)s) AND worker = %(worker)s), "
+        "claimed AS (UPDATE q2 SET state = 'running', worker = %(worker)s, "
+        "attempt = attempt + 1, claimed_at = now() "
+        "WHERE id = ANY(ARRAY(SELECT id FROM q2 WHERE state = 'available' "
+        "ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)) "
+        "RETURNING id, (payload->>'i')::int8) "
+        "SELECT * FROM claimed",
+        _claim_params,
+    ),
+    "claim+delete, ordered": StatementLoop(
+        "q6",
+        "CREATE TABLE q6 (id bigserial PRIMARY KEY, payload jsonb NOT NULL, "
+        "queue text NOT NULL DEFAULT 'default', priority smallint NOT NULL DEFAULT 0, "
+        "run_at timestamptz NOT NULL DEFAULT now(), "
+        "state text NOT NULL DEFAULT 'available', worker text, attempt int NOT NULL DEFAULT 0, "
+        "claimed_at timestamptz) WITH (fillfactor = 80);"
+        "CREATE INDEX q6_fetch ON q6 (queue, priority DESC, run_at, id) "
+        "WHERE state = 'available';"
+        "CREATE INDEX q6_running ON q6 (worker) WHERE state = 'running'",
+        "WITH done AS (DELETE FROM q6 WHERE id = ANY(%(done)s) AND worker = %(worker)s), "
+        "claimed AS (UPDATE q6 SET state = 'running', worker = %(worker)s, "
+        "attempt = attempt + 1, claimed_at = now() "
+        "WHERE id = ANY(ARRAY(SELECT id FROM q6 "
+        "WHERE queue = 'default' AND state = 'available' AND run_at <= now() "
+        "ORDER BY priority DESC, run_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)) "
+        "RETURNING id, (payload->>'i')::int8) "
+        "SELECT * FROM claimed",
+        _claim_params,
+    ),
+    "hot-claim+delete": StatementLoop(
+        "q4",
+        "CREATE TABLE q4 (id bigserial PRIMARY KEY, payload jsonb NOT NULL, worker text, "
+        "attempt int NOT NULL DEFAULT 0, claimed_at timestamptz) WITH (fillfactor = 50)",
+        "WITH done AS (DELETE FROM q4 WHERE id = ANY(%(done)s) AND worker = %(worker)s), "
+        "claimed AS (UPDATE q4 SET worker = %(worker)s, attempt = attempt + 1, "
+        "claimed_at = now() WHERE id = ANY(ARRAY(SELECT id FROM q4 WHERE worker IS NULL "
+        "ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)) "
+        "RETURNING id, (payload->>'i')::int8) "
+        "SELECT * FROM claimed",
+        _claim_params,
+    ),
+}
+"""The loops that differ only in their table and statement."""
+
+LOCK_TABLE: Final = STATEMENT_LOOPS["claim+delete"].create.replace("q2", "q3")
 LOCK_FETCH: Final = (
     "SELECT id, (payload->>'i')::int8 FROM q3 WHERE state = 'available' "
     "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED"
 )
 LOCK_DONE: Final = "DELETE FROM q3 WHERE id = ANY(%s)"
 LOCK_BATCHES_PER_COMMIT: Final = 4
+
+JOBS_CLAIM: Final = (
+    "WITH done AS ("
+    "DELETE FROM {jobs} AS j WHERE j.id = ANY(%(done)s::bigint[]) "
+    "AND j.state::text = 'running' AND j.claim_id = %(previous)s::uuid), "
+    "claimed AS ("
+    "UPDATE {jobs} AS j SET state = 'running', attempt = j.attempt + 1, attempted_at = now(), "
+    "worker_id = %(worker)s::uuid, claim_id = %(claim)s::uuid "
+    "WHERE j.id = ANY(ARRAY("
+    "SELECT i.id FROM {jobs} AS i "
+    "WHERE i.queue = 'default' AND i.state = 'available' AND i.run_at <= now() "
+    "ORDER BY i.priority DESC, i.run_at, i.id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)) "
+    "RETURNING j.id, j.queue, j.task, j.args::text, j.priority, j.attempt, j.max_attempts, "
+    "j.created_at, j.headers::text) "
+    "SELECT * FROM claimed"
+)
+"""The ``claim+delete, jobs`` loop's statement. The completed rows' state is compared
+as text, as pgoutbox's function does: compared as its enum, the planner may find them
+by walking the whole index of running jobs (see docs/benchmarks.md)."""
+
+LOOPS: Final = (
+    "delete",
+    "delete, array",
+    "claim+delete",
+    "claim+delete, ordered",
+    "claim+delete, jobs",
+    "pgoutbox",
+    "hot-claim+delete",
+    "lock+delete",
+)
 
 
 async def _preload(conn: pgoutbox.Connection[Any], table: str, jobs: int) -> None:
@@ -96,28 +228,19 @@ async def _preload(conn: pgoutbox.Connection[Any], table: str, jobs: int) -> Non
     await conn.execute(sql.SQL("VACUUM ANALYZE {}").format(sql.Identifier(table)))
 
 
-async def _delete_loop(conn: pgoutbox.Connection[Any], jobs: int, batch: int) -> float:
-    await conn.execute("DROP TABLE IF EXISTS q1")
-    await conn.execute(DELETE_TABLE)
-    await _preload(conn, "q1", jobs)
-    started, done = time.perf_counter(), 0
-    while True:
-        cur = await conn.execute(DELETE_FETCH, [batch])
-        rows = await cur.fetchall()
-        done += len(rows)
-        if not rows:
-            break
-    return _rate(done, jobs, started)
-
-
-async def _claim_delete_loop(conn: pgoutbox.Connection[Any], jobs: int, batch: int) -> float:
-    await conn.execute("DROP TABLE IF EXISTS q2")
-    await conn.execute(CLAIM_TABLE)
-    await _preload(conn, "q2", jobs)
+async def _statement_loop(
+    conn: pgoutbox.Connection[Any], loop: StatementLoop, jobs: int, batch: int, running: int
+) -> float:
+    await conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(loop.table)))
+    await conn.execute(loop.create)
+    await _preload(conn, loop.table, jobs + running)
+    if running:
+        # Another worker's jobs, taken at the head of the queue and never finished.
+        await conn.execute(loop.statement, loop.params([], "w0", running))
     started, done = time.perf_counter(), 0
     previous: list[int] = []
     while True:
-        cur = await conn.execute(CLAIM_FETCH, [previous, "w1", batch])
+        cur = await conn.execute(loop.statement, loop.params(previous, "w1", batch))
         previous = [row[0] for row in await cur.fetchall()]
         done += len(previous)
         if not previous:
@@ -125,51 +248,66 @@ async def _claim_delete_loop(conn: pgoutbox.Connection[Any], jobs: int, batch: i
     return _rate(done, jobs, started)
 
 
-async def _lock_delete_loop(conn: pgoutbox.Connection[Any], jobs: int, batch: int) -> float:
+async def _lock_delete_loop(
+    dsn: str, conn: pgoutbox.Connection[Any], jobs: int, batch: int, running: int
+) -> float:
     await conn.execute("DROP TABLE IF EXISTS q3")
     await conn.execute(LOCK_TABLE)
-    await _preload(conn, "q3", jobs)
-    started, done, batches = time.perf_counter(), 0, 0
-    previous: list[int] = []
-    # The connection is in autocommit mode: the loop opens and ends its own
-    # transactions, one per LOCK_BATCHES_PER_COMMIT batches.
-    await conn.execute("BEGIN")
-    while True:
-        if previous:
-            await conn.execute(LOCK_DONE, [previous])
-        cur = await conn.execute(LOCK_FETCH, [batch])
-        previous = [row[0] for row in await cur.fetchall()]
-        done += len(previous)
-        batches += 1
-        if not previous:
-            break
-        if batches % LOCK_BATCHES_PER_COMMIT == 0:
-            await conn.execute("COMMIT")
-            await conn.execute("BEGIN")
-    await conn.execute("COMMIT")
-    return _rate(done, jobs, started)
+    await _preload(conn, "q3", jobs + running)
+    # Another worker's running jobs are rows locked by its open transaction.
+    async with await pgoutbox.connect(dsn) as other:
+        if running:
+            await other.execute(LOCK_FETCH, [running])
+        started, done, batches = time.perf_counter(), 0, 0
+        previous: list[int] = []
+        # The connection is in autocommit mode: the loop opens and ends its own
+        # transactions, one per LOCK_BATCHES_PER_COMMIT batches.
+        await conn.execute("BEGIN")
+        while True:
+            if previous:
+                await conn.execute(LOCK_DONE, [previous])
+            cur = await conn.execute(LOCK_FETCH, [batch])
+            previous = [row[0] for row in await cur.fetchall()]
+            done += len(previous)
+            batches += 1
+            if not previous:
+                break
+            if batches % LOCK_BATCHES_PER_COMMIT == 0:
+                await conn.execute("COMMIT")
+                await conn.execute("BEGIN")
+        await conn.execute("COMMIT")
+        return _rate(done, jobs, started)
 
 
-async def _pgoutbox_loop(
-    dsn: str, conn: pgoutbox.Connection[Any], jobs: int, batch: int, run: int
+async def _jobs_loop(
+    dsn: str,
+    conn: pgoutbox.Connection[Any],
+    *,
+    own_statement: bool,
+    jobs: int,
+    batch: int,
+    run: int,
+    running: int,
 ) -> float:
+    """Drain pgoutbox's schema: with its fetch statement, or with ``JOBS_CLAIM``."""
     schema = f"claim_bench_{run}"
     queue = pgoutbox.Queue(dsn, schema=schema)
     async with queue:
         await queue.migrate()
     st = queue.statements
-    worker_id = str(uuid.uuid4())
-    await _store.worker_register(
-        conn,
-        st,
-        worker_id=worker_id,
-        hostname="bench",
-        pid=os.getpid(),
-        queues=["default"],
-        tasks=[TASK],
-        concurrency=2 * batch,
-        heartbeat_timeout=3600.0,
-    )
+    worker_id, other_id = str(uuid.uuid4()), str(uuid.uuid4())
+    for wid, concurrency in ((worker_id, 2 * batch), (other_id, max(running, 1))):
+        await _store.worker_register(
+            conn,
+            st,
+            worker_id=wid,
+            hostname="bench",
+            pid=os.getpid(),
+            queues=["default"],
+            tasks=[TASK],
+            concurrency=concurrency,
+            heartbeat_timeout=3600.0,
+        )
     table = sql.Identifier(schema, "jobs")
     await conn.execute(
         sql.SQL(
@@ -177,9 +315,32 @@ async def _pgoutbox_loop(
             "SELECT 'default', %s, jsonb_build_object('i', g), 0, 'available', 20 "
             "FROM generate_series(1, %s) g"
         ).format(table),
-        [TASK, jobs],
+        [TASK, jobs + running],
     )
     await conn.execute(sql.SQL("VACUUM ANALYZE {}").format(table))
+    if running:
+        await _store.job_claim(
+            conn,
+            st,
+            queues=["default"],
+            tasks=[TASK],
+            limit=running,
+            worker_id=other_id,
+            claim_id=str(uuid.uuid4()),
+        )
+    if own_statement:
+        rate = await _drain_with_fetch(conn, queue.statements, worker_id, jobs, batch)
+    else:
+        rate = await _drain_with_claim(
+            conn, sql.SQL(JOBS_CLAIM).format(jobs=table), worker_id, jobs, batch
+        )
+    await conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+    return rate
+
+
+async def _drain_with_fetch(
+    conn: pgoutbox.Connection[Any], st: Statements, worker_id: str, jobs: int, batch: int
+) -> float:
     started, done = time.perf_counter(), 0
     previous: list[Outcome] = []
     while True:
@@ -202,9 +363,32 @@ async def _pgoutbox_loop(
         done += len(claimed)
         if not claimed:
             break
-    rate = _rate(done, jobs, started)
-    await conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
-    return rate
+    return _rate(done, jobs, started)
+
+
+async def _drain_with_claim(
+    conn: pgoutbox.Connection[Any], statement: sql.Composed, worker_id: str, jobs: int, batch: int
+) -> float:
+    started, done = time.perf_counter(), 0
+    previous: list[int] = []
+    previous_claim: str | None = None
+    while True:
+        claim_id = str(uuid.uuid4())
+        cur = await conn.execute(
+            statement,
+            {
+                "done": previous,
+                "previous": previous_claim,
+                "worker": worker_id,
+                "claim": claim_id,
+                "limit": batch,
+            },
+        )
+        previous, previous_claim = [row[0] for row in await cur.fetchall()], claim_id
+        done += len(previous)
+        if not previous:
+            break
+    return _rate(done, jobs, started)
 
 
 def _rate(done: int, jobs: int, started: float) -> float:
@@ -214,7 +398,32 @@ def _rate(done: int, jobs: int, started: float) -> float:
     return jobs / elapsed
 
 
-async def main(dsn: str, jobs: int, batch: int, runs: int) -> None:
+async def _one(
+    loop: str,
+    dsn: str,
+    conn: pgoutbox.Connection[Any],
+    *,
+    jobs: int,
+    batch: int,
+    run: int,
+    running: int,
+) -> float:
+    if loop in STATEMENT_LOOPS:
+        return await _statement_loop(conn, STATEMENT_LOOPS[loop], jobs, batch, running)
+    if loop == "lock+delete":
+        return await _lock_delete_loop(dsn, conn, jobs, batch, running)
+    return await _jobs_loop(
+        dsn,
+        conn,
+        own_statement=loop == "pgoutbox",
+        jobs=jobs,
+        batch=batch,
+        run=run,
+        running=running,
+    )
+
+
+async def main(dsn: str, jobs: int, batch: int, runs: int, running: int) -> None:
     name = f"pgoutbox_claim_{secrets.token_hex(4)}"
     async with await pgoutbox.connect(dsn, autocommit=True) as admin:
         await admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
@@ -223,29 +432,34 @@ async def main(dsn: str, jobs: int, batch: int, runs: int) -> None:
         db = psycopg.conninfo.make_conninfo(dsn, dbname=name)
         async with await pgoutbox.connect(db, autocommit=True) as conn:
             for run in range(runs):
-                results["delete"].append(await _delete_loop(conn, jobs, batch))
-                results["claim+delete"].append(await _claim_delete_loop(conn, jobs, batch))
-                results["pgoutbox"].append(await _pgoutbox_loop(db, conn, jobs, batch, run))
-                results["lock+delete"].append(await _lock_delete_loop(conn, jobs, batch))
+                for loop in LOOPS:
+                    results[loop].append(
+                        await _one(loop, db, conn, jobs=jobs, batch=batch, run=run, running=running)
+                    )
     finally:
         async with await pgoutbox.connect(dsn, autocommit=True) as admin:
             await admin.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
-    print(report(results, jobs, batch, runs))
+    print(report(results, jobs, batch, runs, running))
 
 
-def report(results: Mapping[str, Sequence[float]], jobs: int, batch: int, runs: int) -> str:
+def report(
+    results: Mapping[str, Sequence[float]], jobs: int, batch: int, runs: int, running: int = 0
+) -> str:
     """The table: jobs/s (median, min-max), µs per job, and the ratio to ``delete``."""
     base = statistics.median(results["delete"])
     lines = [
-        f"{jobs:,} rows, {batch} per statement, {runs} runs (median, min-max), no handlers",
-        f"{'loop':14} {'jobs/s':>10} {'min-max':>17} {'µs/job':>7} {'÷ delete':>9}",
+        (
+            f"{jobs:,} rows, {batch} per statement, {runs} runs (median, min-max), "
+            f"no handlers, {running:,} jobs of another worker running"
+        ),
+        f"{'loop':22} {'jobs/s':>10} {'min-max':>17} {'µs/job':>7} {'÷ delete':>9}",
     ]
     for loop, rates in results.items():
         median = statistics.median(rates)
         lines.append(
-            f"{loop:14} {median:>10,.0f} {min(rates):>8,.0f}-{max(rates):<8,.0f} "
+            f"{loop:22} {median:>10,.0f} {min(rates):>8,.0f}-{max(rates):<8,.0f} "
             f"{1e6 / median:>7.1f} {median / base:>9.2f}"
         )
     return "\n".join(lines)
@@ -262,5 +476,11 @@ if __name__ == "__main__":
     parser.add_argument("--jobs", type=int, default=50_000)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--running",
+        type=int,
+        default=0,
+        help="jobs taken at the head of the queue before each loop, kept running during it",
+    )
     ns = parser.parse_args()
-    anyio.run(main, ns.dsn, ns.jobs, ns.batch, ns.runs)
+    anyio.run(main, ns.dsn, ns.jobs, ns.batch, ns.runs, ns.running)
