@@ -128,7 +128,6 @@ class ClaimedJob(msgspec.Struct, frozen=True, kw_only=True):
     priority: int
     attempt: int
     max_attempts: int
-    created_at: datetime
     headers: str | None = None
     claim_id: str | None = None
     """The fetch that claimed it: with the attempt, the fence of its outcome."""

@@ -380,8 +380,8 @@ async def job_claim(
         },
     )
     rows = await cur.fetchall()
-    written = {(pair[0], pair[1]) for pair in rows[-1][9]}
-    next_due: float | None = rows[-1][10]
+    written = {(pair[0], pair[1]) for pair in rows[-1][8]}
+    next_due: float | None = rows[-1][9]
     return (
         [
             ClaimedJob(
@@ -392,8 +392,7 @@ async def job_claim(
                 priority=r[4],
                 attempt=r[5],
                 max_attempts=r[6],
-                created_at=r[7],
-                headers=r[8],
+                headers=r[7],
                 claim_id=claim_id,
             )
             for r in rows[:-1]

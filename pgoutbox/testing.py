@@ -173,7 +173,6 @@ class Capture:
             priority=job.spec.priority,
             attempt=job.attempt,
             max_attempts=job.max_attempts,
-            created_at=job.created_at,
         )
         task = self._queue.get_task(job.task)
         outcome = await execute(

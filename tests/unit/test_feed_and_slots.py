@@ -3,8 +3,6 @@ without a database."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import anyio
 import msgspec
 import pytest
@@ -28,7 +26,6 @@ def job(job_id: int) -> ClaimedJob:
         priority=0,
         attempt=1,
         max_attempts=3,
-        created_at=datetime(2026, 1, 1, tzinfo=UTC),
     )
 
 
