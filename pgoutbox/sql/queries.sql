@@ -118,7 +118,7 @@ FROM (SELECT count(*) FROM notified) AS n
 -- delayed jobs of these queues and tasks available. The statement only sets
 -- the commit mode, and leaves out the function's created_at, which no worker
 -- uses: formatting a timestamp for each job, and parsing it again, cost about
--- 0.5 us of the fetch statement's 17 per job (benchmarks/bench_claim.py).
+-- 0.8 us of the fetch statement's 17.6 per job (benchmarks/bench_claim.py).
 SELECT f.id, f.queue, f.task, f.args, f.priority, f.attempt, f.max_attempts, f.headers,
        f.done, f.next_due,
        CASE WHEN f.id IS NULL AND cardinality(%(done_ids)s::bigint[]) = 0
