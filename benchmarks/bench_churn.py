@@ -22,21 +22,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import anyio
-import psycopg
+from _scratch import add_dsn_option, throwaway_database
+from bench_claim import TASK, FetchLoop
 from psycopg import sql
 
 import pgoutbox
 from pgoutbox import _store
-from pgoutbox._job import JobState, Outcome
 
-TASK: Final = "bench.noop"
 PGOUTBOX_BATCH: Final = 200
 YARDSTICK_FETCH: Final = (
     "DELETE FROM q WHERE id IN (SELECT id FROM q ORDER BY id LIMIT 100 FOR UPDATE SKIP LOCKED) "
@@ -92,26 +90,10 @@ async def _pgoutbox(dsn: str, conn: pgoutbox.Connection[Any], jobs: int, every: 
         [TASK, jobs],
     )
     await conn.execute("VACUUM ANALYZE churn.jobs")
-    previous: list[Outcome] = []
+    loop = FetchLoop(conn, st, worker_id)
 
     async def fetch() -> int:
-        nonlocal previous
-        claim_id = str(uuid.uuid4())
-        claimed, _, _ = await _store.job_claim(
-            conn,
-            st,
-            queues=["default"],
-            tasks=[TASK],
-            limit=PGOUTBOX_BATCH,
-            worker_id=worker_id,
-            claim_id=claim_id,
-            completed=previous,
-            keep_completed=False,
-        )
-        previous = [
-            Outcome(j.id, j.attempt, JobState.COMPLETED, claim_id=claim_id) for j in claimed
-        ]
-        return len(claimed)
+        return await loop.fetch(PGOUTBOX_BATCH)
 
     await _drain(conn, "pgoutbox", "churn.jobs", fetch, jobs=jobs, every=every)
 
@@ -135,34 +117,22 @@ async def _yardstick(conn: pgoutbox.Connection[Any], jobs: int, every: int) -> N
 
 
 async def main(dsn: str, jobs: int, every: int) -> None:
-    name = f"pgoutbox_churn_{secrets.token_hex(4)}"
-    async with await pgoutbox.connect(dsn, autocommit=True) as admin:
-        await admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        db = psycopg.conninfo.make_conninfo(dsn, dbname=name)
-        async with await pgoutbox.connect(db, autocommit=True) as conn:
-            print(
-                f"{jobs:,} jobs, autovacuum off, VACUUM every {every:,} jobs"
-                if every
-                else f"{jobs:,} jobs, autovacuum off, no VACUUM"
-            )
-            await _pgoutbox(db, conn, jobs, every)
-            await _yardstick(conn, jobs, every)
-    finally:
-        async with await pgoutbox.connect(dsn, autocommit=True) as admin:
-            await admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+    async with (
+        throwaway_database(dsn, "pgoutbox_churn_") as db,
+        await pgoutbox.connect(db, autocommit=True) as conn,
+    ):
+        print(
+            f"{jobs:,} jobs, autovacuum off, VACUUM every {every:,} jobs"
+            if every
+            else f"{jobs:,} jobs, autovacuum off, no VACUUM"
+        )
+        await _pgoutbox(db, conn, jobs, every)
+        await _yardstick(conn, jobs, every)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument(
-        "--dsn",
-        default=os.environ.get(
-            "PGOUTBOX_BENCH_DSN", "host=127.0.0.1 user=postgres dbname=postgres"
-        ),
-    )
+    add_dsn_option(parser)
     parser.add_argument("--jobs", type=int, default=500_000)
     parser.add_argument("--vacuum-every", type=int, default=0, metavar="N")
     ns = parser.parse_args()

@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import statistics
 import time
 import uuid
@@ -76,7 +75,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 import anyio
-import psycopg
+from _scratch import add_dsn_option, throwaway_database
 from psycopg import sql
 
 import pgoutbox
@@ -338,31 +337,44 @@ async def _jobs_loop(
     return rate
 
 
-async def _drain_with_fetch(
-    conn: pgoutbox.Connection[Any], st: Statements, worker_id: str, jobs: int, batch: int
-) -> float:
-    started, done = time.perf_counter(), 0
-    previous: list[Outcome] = []
-    while True:
-        claim_id = str(uuid.uuid4())
+class FetchLoop:
+    """pgoutbox's fetch statement sent over and over, as a worker with
+    ``completed_retention=0`` sends it: each fetch completes the jobs of the
+    previous one (whose handlers are taken to have run at once) and claims more."""
+
+    def __init__(self, conn: pgoutbox.Connection[Any], st: Statements, worker_id: str) -> None:
+        self._conn = conn
+        self._st = st
+        self._worker_id = worker_id
+        self._previous: list[Outcome] = []
+
+    async def fetch(self, limit: int) -> int:
+        """One fetch of up to `limit` jobs of the "default" queue; returns how many it claimed."""
         claimed, _, _ = await _store.job_claim(
-            conn,
-            st,
+            self._conn,
+            self._st,
             queues=["default"],
             tasks=[TASK],
-            limit=batch,
-            worker_id=worker_id,
-            claim_id=claim_id,
-            completed=previous,
+            limit=limit,
+            worker_id=self._worker_id,
+            claim_id=str(uuid.uuid4()),
+            completed=self._previous,
             keep_completed=False,
         )
-        previous = [
+        self._previous = [
             Outcome(job.id, job.attempt, JobState.COMPLETED, claim_id=job.claim_id)
             for job in claimed
         ]
-        done += len(claimed)
-        if not claimed:
-            break
+        return len(claimed)
+
+
+async def _drain_with_fetch(
+    conn: pgoutbox.Connection[Any], st: Statements, worker_id: str, jobs: int, batch: int
+) -> float:
+    loop = FetchLoop(conn, st, worker_id)
+    started, done = time.perf_counter(), 0
+    while took := await loop.fetch(batch):
+        done += took
     return _rate(done, jobs, started)
 
 
@@ -424,23 +436,16 @@ async def _one(
 
 
 async def main(dsn: str, jobs: int, batch: int, runs: int, running: int) -> None:
-    name = f"pgoutbox_claim_{secrets.token_hex(4)}"
-    async with await pgoutbox.connect(dsn, autocommit=True) as admin:
-        await admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     results: dict[str, list[float]] = {loop: [] for loop in LOOPS}
-    try:
-        db = psycopg.conninfo.make_conninfo(dsn, dbname=name)
-        async with await pgoutbox.connect(db, autocommit=True) as conn:
-            for run in range(runs):
-                for loop in LOOPS:
-                    results[loop].append(
-                        await _one(loop, db, conn, jobs=jobs, batch=batch, run=run, running=running)
-                    )
-    finally:
-        async with await pgoutbox.connect(dsn, autocommit=True) as admin:
-            await admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+    async with (
+        throwaway_database(dsn, "pgoutbox_claim_") as db,
+        await pgoutbox.connect(db, autocommit=True) as conn,
+    ):
+        for run in range(runs):
+            for loop in LOOPS:
+                results[loop].append(
+                    await _one(loop, db, conn, jobs=jobs, batch=batch, run=run, running=running)
+                )
     print(report(results, jobs, batch, runs, running))
 
 
@@ -467,12 +472,7 @@ def report(
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument(
-        "--dsn",
-        default=os.environ.get(
-            "PGOUTBOX_BENCH_DSN", "host=127.0.0.1 user=postgres dbname=postgres"
-        ),
-    )
+    add_dsn_option(parser)
     parser.add_argument("--jobs", type=int, default=50_000)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--runs", type=int, default=5)

@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import statistics
 import time
 import uuid
 from typing import Any, Final
 
 import anyio
-import psycopg
+from _scratch import add_dsn_option, throwaway_database
 from psycopg import sql
 
 import pgoutbox
@@ -107,11 +106,7 @@ async def _case(
 
 
 async def main(dsn: str, waiting: int, fetches: int) -> None:
-    name = f"pgoutbox_fetch_{secrets.token_hex(4)}"
-    async with await pgoutbox.connect(dsn, autocommit=True) as admin:
-        await admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        db = psycopg.conninfo.make_conninfo(dsn, dbname=name)
+    async with throwaway_database(dsn, "pgoutbox_fetch_") as db:
         queue = pgoutbox.Queue(db, schema="bench_fetch")
         async with queue:
             await queue.migrate()
@@ -143,21 +138,11 @@ async def main(dsn: str, waiting: int, fetches: int) -> None:
                 times, setup = await _case(conn, queue, case, waiting, fetches)
                 p90 = statistics.quantiles(times, n=10)[-1]
                 print(f"{case:14} {statistics.median(times):>8.3f} {p90:>8.3f} {setup:>14.2f}")
-    finally:
-        async with await pgoutbox.connect(dsn, autocommit=True) as admin:
-            await admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument(
-        "--dsn",
-        default=os.environ.get(
-            "PGOUTBOX_BENCH_DSN", "host=127.0.0.1 user=postgres dbname=postgres"
-        ),
-    )
+    add_dsn_option(parser)
     parser.add_argument("--waiting", type=int, default=100_000)
     parser.add_argument("--fetches", type=int, default=300)
     ns = parser.parse_args()

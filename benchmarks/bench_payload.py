@@ -13,8 +13,6 @@ does); the two layouts alternate within each run, in a throw-away database.
 from __future__ import annotations
 
 import argparse
-import os
-import secrets
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -22,7 +20,7 @@ from typing import Any
 
 import anyio
 import msgspec
-import psycopg
+from _scratch import add_dsn_option, throwaway_database
 from psycopg import sql
 
 import pgoutbox
@@ -83,31 +81,24 @@ async def _run_layout(
 
 
 async def main(dsn: str, rows: int, runs: int) -> None:
-    name = f"pgoutbox_payload_{secrets.token_hex(4)}"
-    async with await pgoutbox.connect(dsn, autocommit=True) as admin:
-        await admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        db = psycopg.conninfo.make_conninfo(dsn, dbname=name)
-        async with await pgoutbox.connect(db, autocommit=True) as conn:
-            await conn.execute("CREATE TABLE payload_jsonb (id bigserial PRIMARY KEY, args jsonb)")
-            await conn.execute("CREATE TABLE payload_json (id bigserial PRIMARY KEY, args json)")
-            await conn.execute("CREATE TABLE payload_bytea (id bigserial PRIMARY KEY, args bytea)")
-            data = _payloads(rows)
-            layouts = ("jsonb", "json", "bytea")
-            results: dict[str, list[tuple[float, float]]] = {layout: [] for layout in layouts}
-            for _ in range(runs):
-                for layout in layouts:
-                    results[layout].append(await _run_layout(conn, layout, data))
-            cur = await conn.execute(
-                "SELECT pg_total_relation_size('payload_jsonb'), "
-                "pg_total_relation_size('payload_json'), pg_total_relation_size('payload_bytea')"
-            )
-            sizes = await cur.fetchone()
-    finally:
-        async with await pgoutbox.connect(dsn, autocommit=True) as admin:
-            await admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+    async with (
+        throwaway_database(dsn, "pgoutbox_payload_") as db,
+        await pgoutbox.connect(db, autocommit=True) as conn,
+    ):
+        await conn.execute("CREATE TABLE payload_jsonb (id bigserial PRIMARY KEY, args jsonb)")
+        await conn.execute("CREATE TABLE payload_json (id bigserial PRIMARY KEY, args json)")
+        await conn.execute("CREATE TABLE payload_bytea (id bigserial PRIMARY KEY, args bytea)")
+        data = _payloads(rows)
+        layouts = ("jsonb", "json", "bytea")
+        results: dict[str, list[tuple[float, float]]] = {layout: [] for layout in layouts}
+        for _ in range(runs):
+            for layout in layouts:
+                results[layout].append(await _run_layout(conn, layout, data))
+        cur = await conn.execute(
+            "SELECT pg_total_relation_size('payload_jsonb'), "
+            "pg_total_relation_size('payload_json'), pg_total_relation_size('payload_bytea')"
+        )
+        sizes = await cur.fetchone()
     print(f"{rows} payloads, batches of {BATCH}, {runs} runs (median, min-max)")
     print(f"{'layout':8} {'insert rows/s':>22} {'fetch+decode rows/s':>24}")
     for layout, samples in results.items():
@@ -126,12 +117,7 @@ async def main(dsn: str, rows: int, runs: int) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--dsn",
-        default=os.environ.get(
-            "PGOUTBOX_BENCH_DSN", "host=127.0.0.1 user=postgres dbname=postgres"
-        ),
-    )
+    add_dsn_option(parser)
     parser.add_argument("--rows", type=int, default=50_000)
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
