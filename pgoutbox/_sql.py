@@ -59,6 +59,7 @@ class Statements:
     worker_heartbeat: bytes
     worker_rescue_expired: bytes
     job_prune: bytes
+    jobs_vacuum_due: bytes
     status_queues: bytes
     status_workers: bytes
     job_count_unfinished: bytes

@@ -600,6 +600,24 @@ async def job_prune(
     return cur.rowcount
 
 
+async def jobs_vacuum_due(
+    conn: AnyConnection, st: Statements, *, schema: str, threshold: int
+) -> bool:
+    """Whether the jobs table should be vacuumed now, by this connection's role
+    (see the statement), unless another worker holds the maintenance lock."""
+    cur = await _execute(conn, st.jobs_vacuum_due, {"schema": schema, "threshold": threshold})
+    row = await cur.fetchone()
+    return bool(row and row[0])
+
+
+async def jobs_vacuum(conn: AnyConnection, *, schema: str) -> None:
+    """Vacuum the jobs table, unless another vacuum of it is running (then at once).
+
+    VACUUM cannot run in a transaction block: `conn` must be in autocommit mode.
+    """
+    await conn.execute(sql.SQL("VACUUM (SKIP_LOCKED) {}").format(sql.Identifier(schema, "jobs")))
+
+
 async def status(conn: AnyConnection, st: Statements) -> QueueStatus:
     """Jobs per queue and state, and the registered workers."""
     per_queue: dict[str, dict[JobState, int]] = {}

@@ -306,6 +306,21 @@ WITH lock AS (
 )
 DELETE FROM {schema}.jobs AS j USING doomed WHERE j.id = doomed.id
 
+-- name: jobs_vacuum_due
+-- plan: per call
+-- Whether the jobs table holds at least `threshold` dead row versions (by
+-- PostgreSQL's statistics, which lag by a second or so) and the connected
+-- role may vacuum it (it owns the table, or is a member of its owner), and no
+-- other worker holds the maintenance lock. Every claimed job leaves a dead
+-- entry at the head of the fetch index until a vacuum removes it, and every
+-- fetch reads the pages they fill.
+SELECT pg_try_advisory_xact_lock(hashtextextended('pgoutbox.maintenance:' || %(schema)s, 0))
+       AND pg_stat_get_dead_tuples(c.oid) >= %(threshold)s
+       AND pg_has_role(c.relowner, 'USAGE')
+FROM pg_catalog.pg_class AS c
+WHERE c.relname = 'jobs'
+  AND c.relnamespace = (SELECT n.oid FROM pg_catalog.pg_namespace AS n WHERE n.nspname = %(schema)s)
+
 -- name: status_queues
 -- plan: per call
 -- Jobs per queue and state, and how long the oldest due job has waited.

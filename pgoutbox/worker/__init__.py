@@ -13,6 +13,7 @@ from ._worker import (
     DEFAULT_MAINTENANCE_INTERVAL,
     DEFAULT_POLL_INTERVAL,
     DEFAULT_SHUTDOWN_TIMEOUT,
+    DEFAULT_VACUUM_THRESHOLD,
     Worker,
     WorkerStatistics,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "DEFAULT_MAINTENANCE_INTERVAL",
     "DEFAULT_POLL_INTERVAL",
     "DEFAULT_SHUTDOWN_TIMEOUT",
+    "DEFAULT_VACUUM_THRESHOLD",
     "Worker",
     "WorkerStatistics",
 ]

@@ -60,7 +60,9 @@ class Heartbeat:
     If the row is gone, the worker was declared dead and its jobs rescued: it
     says so and registers again. Every `maintenance_interval` it tries the
     maintenance lock; whoever holds it removes workers whose heartbeat expired
-    and retries the jobs they held, then deletes finished jobs past their retention.
+    and retries the jobs they held, then deletes finished jobs past their retention,
+    then sets `vacuum_due` if the jobs table holds `vacuum_threshold` dead rows
+    (0: never).
     """
 
     def __init__(
@@ -76,6 +78,8 @@ class Heartbeat:
         maintenance_interval: float,
         completed_retention: float,
         failed_retention: float,
+        vacuum_threshold: int = 0,
+        vacuum_due: Wakeup | None = None,
     ) -> None:
         self._link = link
         self._queue = queue
@@ -87,6 +91,8 @@ class Heartbeat:
         self._maintenance_interval = maintenance_interval
         self._completed_retention = completed_retention
         self._failed_retention = failed_retention
+        self._vacuum_threshold = vacuum_threshold
+        self._vacuum_due = vacuum_due
         self.rescued = 0
         """Jobs this worker rescued from dead workers since it started."""
         self.pruned = 0
@@ -145,6 +151,17 @@ class Heartbeat:
                 )
             if deleted < PRUNE_BATCH:
                 break
+        if (
+            self._vacuum_due is not None
+            and self._vacuum_threshold > 0
+            and await _store.jobs_vacuum_due(
+                conn,
+                self._queue.statements,
+                schema=self._queue.schema,
+                threshold=self._vacuum_threshold,
+            )
+        ):
+            self._vacuum_due.set()
         if workers or jobs:
             self.rescued += jobs
             logger.warning(

@@ -33,6 +33,7 @@ from ._heartbeat import (
 from ._link import Link
 from ._listener import DEFAULT_PROBE_INTERVAL, Listener
 from ._producer import Feed, Producer, Slots
+from ._vacuum import DEFAULT_VACUUM_THRESHOLD, Vacuumer
 from ._wakeup import Wakeup
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "DEFAULT_MAINTENANCE_INTERVAL",
     "DEFAULT_POLL_INTERVAL",
     "DEFAULT_SHUTDOWN_TIMEOUT",
+    "DEFAULT_VACUUM_THRESHOLD",
     "Worker",
     "WorkerStatistics",
 ]
@@ -79,6 +81,7 @@ class WorkerStatistics(msgspec.Struct, frozen=True, kw_only=True):
         listening: whether its LISTEN is in place now.
         rescued: jobs it rescued from workers whose heartbeat expired.
         pruned: finished jobs it deleted past their retention.
+        vacuums: vacuums of the jobs table it ran (see ``vacuum_threshold``).
         fetch_connection_pids: backend pid of each fetch/ack connection it opened.
         listen_connection_pids: backend pid of each LISTEN connection it opened.
     """
@@ -91,6 +94,7 @@ class WorkerStatistics(msgspec.Struct, frozen=True, kw_only=True):
     listening: bool
     rescued: int
     pruned: int
+    vacuums: int
     fetch_connection_pids: tuple[int, ...]
     listen_connection_pids: tuple[int, ...]
 
@@ -120,6 +124,14 @@ class Worker:
             its completion: the fastest setting (no second row version, no
             index entries to add), for when nobody looks at completed jobs.
         failed_retention: seconds failed jobs are kept (the dead-letter view).
+        vacuum_threshold: dead row versions in the jobs table at which a
+            maintenance round vacuums it, on a connection opened for that
+            (one worker at a time; 0 never does). Every claimed job leaves a
+            dead entry at the head of the index that fetches scan, and each
+            fetch reads past them until a vacuum removes them: about 0.85 ms
+            more per fetch per 100,000 jobs on a 2-core machine. Autovacuum
+            comes at most once per ``autovacuum_naptime``. The role must own
+            the table (or be a member of its owner); otherwise nothing is done.
         prepared_statements: let the fetch/ack connection use server-side
             prepared statements (faster). Turn off behind a pooler in
             transaction mode that cannot keep them (PgBouncer before 1.21, or
@@ -144,6 +156,7 @@ class Worker:
         maintenance_interval: float = DEFAULT_MAINTENANCE_INTERVAL,
         completed_retention: float = DEFAULT_COMPLETED_RETENTION,
         failed_retention: float = DEFAULT_FAILED_RETENTION,
+        vacuum_threshold: int = DEFAULT_VACUUM_THRESHOLD,
         prepared_statements: bool = True,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
@@ -163,6 +176,14 @@ class Worker:
         ):
             if not value >= 0:
                 raise ConfigurationError(f"{option} must be >= 0 seconds, got {value!r}")
+        if (
+            isinstance(vacuum_threshold, bool)
+            or not isinstance(vacuum_threshold, int)
+            or vacuum_threshold < 0
+        ):
+            raise ConfigurationError(
+                f"vacuum_threshold must be an integer >= 0, got {vacuum_threshold!r}"
+            )
         if not heartbeat_timeout >= 3 * heartbeat_interval:
             raise ConfigurationError(
                 f"heartbeat_timeout ({heartbeat_timeout!r} s) must be at least three "
@@ -211,6 +232,7 @@ class Worker:
             conninfo, on_failure=self._listener.reset, prepared_statements=prepared_statements
         )
         keep_completed = completed_retention > 0
+        vacuum_due = Wakeup()
         self._completer = Completer(
             self._link,
             queue.statements,
@@ -229,7 +251,10 @@ class Worker:
             maintenance_interval=maintenance_interval,
             completed_retention=completed_retention,
             failed_retention=failed_retention,
+            vacuum_threshold=vacuum_threshold,
+            vacuum_due=vacuum_due,
         )
+        self._vacuumer = Vacuumer(conninfo, queue, self.id, vacuum_due)
         self._producer = Producer(
             self._link,
             queue,
@@ -258,6 +283,7 @@ class Worker:
             listening=self._listener.listening,
             rescued=self._heartbeat.rescued,
             pruned=self._heartbeat.pruned,
+            vacuums=self._vacuumer.vacuums,
             fetch_connection_pids=tuple(self._link.pids),
             listen_connection_pids=tuple(self._listener.pids),
         )
@@ -303,6 +329,7 @@ class Worker:
             async with anyio.create_task_group() as services:
                 await services.start(self._listener.run)
                 await services.start(self._heartbeat.run)
+                await services.start(self._vacuumer.run)
                 async with anyio.create_task_group() as acks:
                     await acks.start(self._completer.run)
                     # One long-lived executor task per slot, fed by the producer:

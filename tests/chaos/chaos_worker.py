@@ -37,8 +37,10 @@ SETTINGS: Final[dict[str, Any]] = {
     "maintenance_interval": 0.2,
     "probe_interval": 1.0,
     "shutdown_timeout": 5.0,
+    "vacuum_threshold": 200,
 }
-"""Worker options: every loop fast, so faults are noticed and repaired in about a second."""
+"""Worker options: every loop fast, so faults are noticed and repaired in about a second, and
+the jobs table vacuumed every few seconds, so that faults also hit vacuums."""
 
 LOG_FORMAT: Final = "%(asctime)s %(process)d %(levelname)s %(name)s [%(event)s] %(message)s"
 

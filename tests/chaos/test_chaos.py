@@ -784,6 +784,8 @@ LOG_EVENTS: Final = (
     "connection.cancel_failed",
     "connection.cancel_timeout",
     "worker.unregister_failed",
+    "jobs.vacuumed",
+    "jobs.vacuum_failed",
 )
 
 

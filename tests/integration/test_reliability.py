@@ -25,6 +25,8 @@ from pgoutbox import (
 )
 from pgoutbox._job import ClaimedJob, Outcome
 from pgoutbox.worker import _completer, _listener, _producer
+from pgoutbox.worker._vacuum import Vacuumer
+from pgoutbox.worker._wakeup import Wakeup
 
 from ._running import WAIT_TIMEOUT, Recorder, count_jobs, running, watching_logs
 
@@ -417,6 +419,91 @@ async def test_maintenance_prunes_finished_jobs_past_retention(
     assert await count_jobs(queue) == 1  # the failed job is kept for its retention
     assert (await _job(queue, failed.id)).state is JobState.FAILED
     assert worker.statistics().pruned == 1
+
+
+async def _vacuum_count(queue: Queue) -> int:
+    async with queue.connection() as c:
+        cur = await c.execute(
+            "SELECT vacuum_count FROM pg_stat_user_tables "
+            "WHERE schemaname = %s AND relname = 'jobs'",
+            [queue.schema],
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+async def test_maintenance_vacuums_the_jobs_table_past_its_dead_rows_threshold(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    seen = Recorder()
+
+    @queue.task
+    async def work(i: int) -> None:
+        seen.record(i)
+
+    assert await _vacuum_count(queue) == 0
+    worker = Worker(queue, completed_retention=0, vacuum_threshold=20, **FAST)
+    with watching_logs() as logs:
+        async with running(worker):
+            async with conn.transaction():
+                await queue.enqueue_many(conn, [work.bind(i) for i in range(40)])
+            await seen.wait_for(40)
+            # Each job left two dead row versions (its claim and its deletion).
+            await logs.wait_for_event("jobs.vacuumed")
+    assert worker.statistics().vacuums >= 1
+    # A vacuum's own statistics are written before it returns.
+    assert await _vacuum_count(queue) >= 1
+
+
+async def test_vacuum_is_due_past_the_threshold_for_the_tables_owner_only(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    @queue.task
+    async def work(i: int) -> None: ...
+
+    async with conn.transaction():
+        await queue.enqueue_many(conn, [work.bind(i) for i in range(30)])
+    st, schema = queue.statements, queue.schema
+    role = f"pgoutbox_test_{uuid.uuid4().hex[:12]}"
+    async with queue.connection() as c:
+        async with c.transaction():
+            await c.execute(sql.SQL("DELETE FROM {}.jobs").format(sql.Identifier(schema)))
+            # Report the deletes' statistics at commit, not up to a second later.
+            await c.execute("SELECT pg_stat_force_next_flush()")
+        assert await _store.jobs_vacuum_due(c, st, schema=schema, threshold=30)
+        assert not await _store.jobs_vacuum_due(c, st, schema=schema, threshold=31)
+        await c.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(role)))
+        try:
+            await c.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
+            assert not await _store.jobs_vacuum_due(c, st, schema=schema, threshold=1)
+        finally:
+            await c.execute("RESET ROLE")
+            await c.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+async def test_a_failed_vacuum_is_logged_and_the_next_round_tries_again(queue: Queue) -> None:
+    due = Wakeup()
+    # Nothing listens on port 1: every connection attempt fails at once.
+    vacuumer = Vacuumer(lambda: "host=127.0.0.1 port=1 user=postgres", queue, "w", due)
+    with watching_logs() as logs:
+        async with anyio.create_task_group() as tg:
+            await tg.start(vacuumer.run)
+            due.set()
+            await logs.wait_for_event("jobs.vacuum_failed")
+            due.set()
+            await logs.wait_for_event("jobs.vacuum_failed", count=2)
+            tg.cancel_scope.cancel()
+    assert vacuumer.vacuums == 0
+
+
+async def test_worker_vacuum_threshold_must_be_a_count(queue: Queue) -> None:
+    @queue.task
+    async def work(i: int) -> None: ...
+
+    for bad in (-1, 1.5, True):
+        with pytest.raises(pgoutbox.ConfigurationError, match="vacuum_threshold"):
+            Worker(queue, vacuum_threshold=bad)  # type: ignore[arg-type]
 
 
 async def test_zero_completed_retention_deletes_jobs_as_they_complete(

@@ -1,0 +1,79 @@
+"""The vacuumer: vacuums the jobs table when the heartbeat finds it due."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Final
+
+import anyio
+import psycopg
+from anyio.abc import TaskStatus
+
+from .. import _store
+from .._connection import Connection
+from .._queue import Queue
+from ._link import CONNECTION_KWARGS
+from ._wakeup import Wakeup
+
+__all__ = ["DEFAULT_VACUUM_THRESHOLD", "Vacuumer"]
+
+logger = logging.getLogger("pgoutbox.worker")
+
+DEFAULT_VACUUM_THRESHOLD: Final = 100_000
+"""Dead row versions in the jobs table that make a maintenance round vacuum it."""
+
+
+class Vacuumer:
+    """Runs ``VACUUM`` on the jobs table each time `due` is set.
+
+    Every claimed job leaves a dead entry at the head of the index that
+    fetches scan, and every fetch reads the pages they fill until a vacuum
+    removes them; autovacuum comes at most once per ``autovacuum_naptime``.
+
+    A vacuum of a large table takes long, so it runs on a connection of its
+    own, opened for it and closed after it: not on the fetch/ack connection,
+    where fetches would wait, nor in the heartbeat's task, whose beats would
+    stop. A failure is logged and waits for the next round that finds the
+    table due.
+    """
+
+    def __init__(
+        self, conninfo: Callable[[], str], queue: Queue, worker_id: str, due: Wakeup
+    ) -> None:
+        self._conninfo = conninfo
+        self._queue = queue
+        self._worker_id = worker_id
+        self._due = due
+        self.vacuums = 0
+        """Vacuums of the jobs table this worker ran since it started."""
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Vacuum whenever due, until cancelled."""
+        task_status.started()
+        while True:
+            await self._due.wait()
+            started = anyio.current_time()
+            try:
+                async with await Connection[Any].connect(
+                    self._conninfo(), autocommit=True, **CONNECTION_KWARGS
+                ) as conn:
+                    await _store.jobs_vacuum(conn, schema=self._queue.schema)
+            except psycopg.Error as ex:
+                logger.warning(
+                    "could not vacuum the jobs table: %s",
+                    type(ex).__name__,
+                    extra={
+                        "event": "jobs.vacuum_failed",
+                        "worker_id": self._worker_id,
+                        "error": type(ex).__name__,
+                    },
+                )
+                continue
+            self.vacuums += 1
+            seconds = anyio.current_time() - started
+            logger.info(
+                "vacuumed the jobs table in %.2f s",
+                seconds,
+                extra={"event": "jobs.vacuumed", "worker_id": self._worker_id, "seconds": seconds},
+            )
