@@ -1,6 +1,7 @@
 """How a fetch slows down with the jobs claimed since the table's last vacuum.
 
-Run: ``python benchmarks/bench_churn.py [--dsn DSN] [--jobs 500000] [--vacuum-every N]``.
+Run: ``python benchmarks/bench_churn.py [--dsn DSN] [--jobs 500000] [--vacuum-every N]``,
+or ``python benchmarks/bench_churn.py --worker [--jobs 500000]``.
 
 A claimed job leaves a dead entry in the index the fetch scans, at its head,
 until VACUUM removes it. A scan marks the entries it finds dead, and skips
@@ -16,11 +17,18 @@ batch, as a worker with ``completed_retention=0`` sends it) and the
 yardstick's ``DELETE ... FOR UPDATE SKIP LOCKED`` (100 each). With
 ``--vacuum-every N``, each loop runs ``VACUUM`` on its table after every N
 jobs, as an operator's schedule or a lower ``autovacuum_naptime`` would.
+
+With ``--worker``, a real worker process drains them instead (concurrency 400,
+``completed_retention=0``, no-op handlers, autovacuum on), twice: with
+``vacuum_threshold=0``, which never vacuums, and with the default, which lets
+its maintenance rounds (every 5 s) vacuum the table once it holds that many
+dead rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import time
 import uuid
@@ -33,6 +41,7 @@ from bench_claim import TASK, FetchLoop
 from psycopg import sql
 
 import pgoutbox
+import pgoutbox.worker
 from pgoutbox import _store
 
 PGOUTBOX_BATCH: Final = 200
@@ -116,7 +125,56 @@ async def _yardstick(conn: pgoutbox.Connection[Any], jobs: int, every: int) -> N
     await _drain(conn, "yardstick", "q", fetch, jobs=jobs, every=every)
 
 
-async def main(dsn: str, jobs: int, every: int) -> None:
+async def _worker_drain(dsn: str, jobs: int, vacuum_threshold: int) -> None:
+    """Drain `jobs` pre-loaded no-op jobs with a `Worker`; print the rate of each tenth."""
+    async with throwaway_database(dsn, "pgoutbox_churn_") as db:
+        queue = pgoutbox.Queue(db)
+        tenth = max(1, jobs // 10)
+        marks: list[float] = []
+        ran = 0
+        all_ran = anyio.Event()
+
+        @queue.task(name=TASK)
+        async def noop(i: int) -> None:
+            nonlocal ran
+            ran += 1
+            if ran % tenth == 0:
+                marks.append(time.perf_counter())
+            if ran == jobs:
+                all_ran.set()
+
+        async with queue:
+            await queue.migrate()
+            async with await pgoutbox.connect(db, autocommit=True) as conn:
+                await conn.execute(
+                    "INSERT INTO pgoutbox.jobs (queue, task, args, max_attempts) "
+                    "SELECT 'default', %s, jsonb_build_object('i', g), 5 "
+                    "FROM generate_series(1, %s) g",
+                    [TASK, jobs],
+                )
+                await conn.execute("VACUUM ANALYZE pgoutbox.jobs")
+            worker = pgoutbox.Worker(
+                queue, concurrency=400, completed_retention=0, vacuum_threshold=vacuum_threshold
+            )
+            started = time.perf_counter()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(worker.run)
+                await all_ran.wait()
+                worker.stop()
+    edges = [started, *marks]
+    rates = [f"{tenth / (b - a):,.0f}" for a, b in itertools.pairwise(edges)]
+    print(
+        f"  vacuum_threshold={vacuum_threshold:,}: {jobs / (marks[-1] - started):,.0f} jobs/s, "
+        f"{worker.statistics().vacuums} vacuums; each tenth: {', '.join(rates)}"
+    )
+
+
+async def main(dsn: str, jobs: int, every: int, worker: bool) -> None:
+    if worker:
+        print(f"{jobs:,} jobs drained by a worker process, autovacuum on")
+        for threshold in (0, pgoutbox.worker.DEFAULT_VACUUM_THRESHOLD):
+            await _worker_drain(dsn, jobs, threshold)
+        return
     async with (
         throwaway_database(dsn, "pgoutbox_churn_") as db,
         await pgoutbox.connect(db, autocommit=True) as conn,
@@ -135,5 +193,6 @@ if __name__ == "__main__":
     add_dsn_option(parser)
     parser.add_argument("--jobs", type=int, default=500_000)
     parser.add_argument("--vacuum-every", type=int, default=0, metavar="N")
+    parser.add_argument("--worker", action="store_true", help="drain with a real worker")
     ns = parser.parse_args()
-    anyio.run(main, ns.dsn, ns.jobs, ns.vacuum_every)
+    anyio.run(main, ns.dsn, ns.jobs, ns.vacuum_every, ns.worker)
