@@ -309,14 +309,20 @@ DELETE FROM {schema}.jobs AS j USING doomed WHERE j.id = doomed.id
 -- name: jobs_vacuum_due
 -- plan: per call
 -- Whether the jobs table holds at least `threshold` dead row versions (by
--- PostgreSQL's statistics, which lag by a second or so) and the connected
--- role may vacuum it (it owns the table, or is a member of its owner), and no
--- other worker holds the maintenance lock. Every claimed job leaves a dead
--- entry at the head of the fetch index until a vacuum removes it, and every
--- fetch reads the pages they fill.
+-- PostgreSQL's statistics, which lag by a second or so), the connected role
+-- may vacuum it (as a member of the table's owner or of the database's owner,
+-- or as a superuser), and no other worker holds the maintenance lock; and the
+-- rows updated and deleted in the table so far, by which the worker tells
+-- whether anything changed since it last had the table vacuumed (rows that a
+-- long transaction still sees stay dead through a vacuum). Every claimed job
+-- leaves a dead entry at the head of the fetch index until a vacuum removes
+-- it, and every fetch reads the pages they fill.
 SELECT pg_try_advisory_xact_lock(hashtextextended('pgoutbox.maintenance:' || %(schema)s, 0))
        AND pg_stat_get_dead_tuples(c.oid) >= %(threshold)s
-       AND pg_has_role(c.relowner, 'USAGE')
+       AND (pg_has_role(c.relowner, 'USAGE')
+            OR pg_has_role((SELECT d.datdba FROM pg_catalog.pg_database AS d
+                            WHERE d.datname = current_database()), 'USAGE')),
+       pg_stat_get_tuples_updated(c.oid) + pg_stat_get_tuples_deleted(c.oid)
 FROM pg_catalog.pg_class AS c
 WHERE c.relname = 'jobs'
   AND c.relnamespace = (SELECT n.oid FROM pg_catalog.pg_namespace AS n WHERE n.nspname = %(schema)s)

@@ -93,6 +93,7 @@ class Heartbeat:
         self._failed_retention = failed_retention
         self._vacuum_threshold = vacuum_threshold
         self._vacuum_due = vacuum_due
+        self._changes_at_vacuum: int | None = None
         self.rescued = 0
         """Jobs this worker rescued from dead workers since it started."""
         self.pruned = 0
@@ -127,6 +128,42 @@ class Heartbeat:
         if to_cancel:
             self._on_cancel(to_cancel)
 
+    async def _check_vacuum(self, conn: Connection[Any]) -> None:
+        """Wake the vacuumer if the jobs table holds `vacuum_threshold` dead rows, and
+        at least as many rows changed since this worker last woke it: rows that a long
+        transaction still sees stay dead through a vacuum, and vacuuming again at every
+        round would not remove them."""
+        if self._vacuum_due is None or self._vacuum_threshold <= 0:
+            return
+        try:
+            due, changes = await _store.jobs_vacuum_due(
+                conn,
+                self._queue.statements,
+                schema=self._queue.schema,
+                threshold=self._vacuum_threshold,
+            )
+        except (psycopg.OperationalError, psycopg.InterfaceError):
+            raise  # the connection failed: the heartbeat reconnects
+        except psycopg.Error as ex:
+            # For example, statistics functions revoked: never vacuum, say so once.
+            self._vacuum_threshold = 0
+            logger.warning(
+                "cannot check whether the jobs table needs a vacuum (%s): not vacuuming it",
+                ex.sqlstate or type(ex).__name__,
+                extra={
+                    "event": "jobs.vacuum_check_failed",
+                    "worker_id": self._worker_id,
+                    "error": type(ex).__name__,
+                },
+            )
+            return
+        if due and (
+            self._changes_at_vacuum is None
+            or changes - self._changes_at_vacuum >= self._vacuum_threshold
+        ):
+            self._changes_at_vacuum = changes
+            self._vacuum_due.set()
+
     async def _maintain(self, conn: Connection[Any]) -> None:
         # The worker's connection is shared by several tasks: never open a
         # transaction on it (another task's statement would join it).
@@ -151,17 +188,7 @@ class Heartbeat:
                 )
             if deleted < PRUNE_BATCH:
                 break
-        if (
-            self._vacuum_due is not None
-            and self._vacuum_threshold > 0
-            and await _store.jobs_vacuum_due(
-                conn,
-                self._queue.statements,
-                schema=self._queue.schema,
-                threshold=self._vacuum_threshold,
-            )
-        ):
-            self._vacuum_due.set()
+        await self._check_vacuum(conn)
         if workers or jobs:
             self.rescued += jobs
             logger.warning(

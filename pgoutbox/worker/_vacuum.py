@@ -23,6 +23,12 @@ logger = logging.getLogger("pgoutbox.worker")
 DEFAULT_VACUUM_THRESHOLD: Final = 100_000
 """Dead row versions in the jobs table that make a maintenance round vacuum it."""
 
+SKIPPED: Final = {
+    "55P03": "another vacuum of it is running",
+    "42501": "this role may not vacuum it",
+}
+"""The SQLSTATEs of the warnings with which VACUUM skips a table, and what they mean."""
+
 
 class Vacuumer:
     """Runs ``VACUUM`` on the jobs table each time `due` is set.
@@ -55,18 +61,30 @@ class Vacuumer:
             await self._due.wait()
             started = anyio.current_time()
             try:
-                async with await Connection[Any].connect(
-                    self._conninfo(), autocommit=True, **CONNECTION_KWARGS
-                ) as conn:
-                    await _store.jobs_vacuum(conn, schema=self._queue.schema)
+                warned = await self._vacuum()
             except psycopg.Error as ex:
                 logger.warning(
                     "could not vacuum the jobs table: %s",
-                    type(ex).__name__,
+                    ex.sqlstate or type(ex).__name__,
                     extra={
                         "event": "jobs.vacuum_failed",
                         "worker_id": self._worker_id,
                         "error": type(ex).__name__,
+                        "sqlstate": ex.sqlstate,
+                    },
+                )
+                continue
+            # PostgreSQL only warns when it skips the table: its lock is taken
+            # (another vacuum runs), or the role may not vacuum it after all.
+            skipped = next((code for code in warned if code in SKIPPED), None)
+            if skipped is not None:
+                logger.info(
+                    "did not vacuum the jobs table: %s",
+                    SKIPPED[skipped],
+                    extra={
+                        "event": "jobs.vacuum_skipped",
+                        "worker_id": self._worker_id,
+                        "sqlstate": skipped,
                     },
                 )
                 continue
@@ -77,3 +95,13 @@ class Vacuumer:
                 seconds,
                 extra={"event": "jobs.vacuumed", "worker_id": self._worker_id, "seconds": seconds},
             )
+
+    async def _vacuum(self) -> list[str]:
+        """Vacuum the table on a new connection; return the SQLSTATEs of its warnings."""
+        warned: list[str] = []
+        async with await Connection[Any].connect(
+            self._conninfo(), autocommit=True, **CONNECTION_KWARGS
+        ) as conn:
+            conn.add_notice_handler(lambda diag: warned.append(diag.sqlstate or ""))
+            await _store.jobs_vacuum(conn, schema=self._queue.schema)
+        return warned

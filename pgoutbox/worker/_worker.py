@@ -130,8 +130,9 @@ class Worker:
             dead entry at the head of the index that fetches scan, and each
             fetch reads past them until a vacuum removes them: about 0.85 ms
             more per fetch per 100,000 jobs on a 2-core machine. Autovacuum
-            comes at most once per ``autovacuum_naptime``. The role must own
-            the table (or be a member of its owner); otherwise nothing is done.
+            comes at most once per ``autovacuum_naptime``. The role must be a
+            member of the table's or the database's owner, or a superuser;
+            otherwise nothing is done.
         prepared_statements: let the fetch/ack connection use server-side
             prepared statements (faster). Turn off behind a pooler in
             transaction mode that cannot keep them (PgBouncer before 1.21, or

@@ -785,7 +785,9 @@ LOG_EVENTS: Final = (
     "connection.cancel_timeout",
     "worker.unregister_failed",
     "jobs.vacuumed",
+    "jobs.vacuum_skipped",
     "jobs.vacuum_failed",
+    "jobs.vacuum_check_failed",
 )
 
 

@@ -25,6 +25,7 @@ from pgoutbox import (
 )
 from pgoutbox._job import ClaimedJob, Outcome
 from pgoutbox.worker import _completer, _listener, _producer
+from pgoutbox.worker._heartbeat import Heartbeat
 from pgoutbox.worker._vacuum import Vacuumer
 from pgoutbox.worker._wakeup import Wakeup
 
@@ -443,6 +444,8 @@ async def test_maintenance_vacuums_the_jobs_table_past_its_dead_rows_threshold(
         seen.record(i)
 
     assert await _vacuum_count(queue) == 0
+    # Autovacuum would otherwise vacuum these 80 dead rows too, perhaps first.
+    await _execute(queue, "ALTER TABLE {schema}.jobs SET (autovacuum_enabled = false)")
     worker = Worker(queue, completed_retention=0, vacuum_threshold=20, **FAST)
     with watching_logs() as logs:
         async with running(worker):
@@ -471,15 +474,87 @@ async def test_vacuum_is_due_past_the_threshold_for_the_tables_owner_only(
             await c.execute(sql.SQL("DELETE FROM {}.jobs").format(sql.Identifier(schema)))
             # Report the deletes' statistics at commit, not up to a second later.
             await c.execute("SELECT pg_stat_force_next_flush()")
-        assert await _store.jobs_vacuum_due(c, st, schema=schema, threshold=30)
-        assert not await _store.jobs_vacuum_due(c, st, schema=schema, threshold=31)
+        due, changes = await _store.jobs_vacuum_due(c, st, schema=schema, threshold=30)
+        assert (due, changes) == (True, 30)
+        assert not (await _store.jobs_vacuum_due(c, st, schema=schema, threshold=31))[0]
         await c.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(role)))
         try:
             await c.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
-            assert not await _store.jobs_vacuum_due(c, st, schema=schema, threshold=1)
+            assert not (await _store.jobs_vacuum_due(c, st, schema=schema, threshold=1))[0]
         finally:
             await c.execute("RESET ROLE")
             await c.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+async def _dead_rows(queue: Queue, n: int) -> None:
+    """Insert and delete `n` job rows, and report their statistics at once."""
+    async with queue.connection() as c, c.transaction():
+        await c.execute(
+            sql.SQL(
+                "INSERT INTO {}.jobs (queue, task, args, max_attempts) "
+                "SELECT 'q', 't', '{{}}', 1 FROM generate_series(1, %s)"
+            ).format(sql.Identifier(queue.schema)),
+            [n],
+        )
+        await c.execute(sql.SQL("DELETE FROM {}.jobs").format(sql.Identifier(queue.schema)))
+        await c.execute("SELECT pg_stat_force_next_flush()")
+
+
+async def test_maintenance_wakes_the_vacuumer_again_only_after_more_rows_changed(
+    queue: Queue,
+) -> None:
+    due = Wakeup()
+    heartbeat = Heartbeat(
+        None,  # type: ignore[arg-type]  # the vacuum check does not use the link
+        queue,
+        "w",
+        register=lambda conn: checkpoint(),
+        on_cancel=lambda ids: None,
+        cancel_hint=Wakeup(),
+        interval=1.0,
+        maintenance_interval=1.0,
+        completed_retention=3600.0,
+        failed_retention=3600.0,
+        vacuum_threshold=10,
+        vacuum_due=due,
+    )
+    async with queue.connection() as c:
+        await _dead_rows(queue, 10)
+        await heartbeat._check_vacuum(c)
+        assert await due.wait(0)
+        # The dead rows stay (as if a long transaction still saw them): no new wake-up.
+        await heartbeat._check_vacuum(c)
+        assert not await due.wait(0)
+        await _dead_rows(queue, 9)
+        await heartbeat._check_vacuum(c)
+        assert not await due.wait(0)
+        await _dead_rows(queue, 1)
+        await heartbeat._check_vacuum(c)
+        assert await due.wait(0)
+
+
+async def test_a_vacuum_that_postgres_skips_is_not_counted(queue: Queue) -> None:
+    due = Wakeup()
+    vacuumer = Vacuumer(lambda: queue.conninfo, queue, "w", due)
+    with watching_logs() as logs:
+        async with anyio.create_task_group() as tg:
+            await tg.start(vacuumer.run)
+            async with queue.connection() as holder, holder.transaction():
+                # The lock a vacuum takes: VACUUM (SKIP_LOCKED) skips the table with a warning.
+                await holder.execute(
+                    sql.SQL("LOCK TABLE {}.jobs IN SHARE UPDATE EXCLUSIVE MODE").format(
+                        sql.Identifier(queue.schema)
+                    )
+                )
+                due.set()
+                await logs.wait_for_event("jobs.vacuum_skipped")
+            assert vacuumer.vacuums == 0
+            assert await _vacuum_count(queue) == 0
+            due.set()
+            await logs.wait_for_event("jobs.vacuumed")
+            tg.cancel_scope.cancel()
+    assert vacuumer.vacuums == 1
+    assert await _vacuum_count(queue) == 1
 
 
 async def test_a_failed_vacuum_is_logged_and_the_next_round_tries_again(queue: Queue) -> None:
