@@ -61,8 +61,8 @@ class Heartbeat:
     says so and registers again. Every `maintenance_interval` it tries the
     maintenance lock; whoever holds it removes workers whose heartbeat expired
     and retries the jobs they held, then deletes finished jobs past their retention,
-    then sets `vacuum_due` if the jobs table holds `vacuum_threshold` dead rows
-    (0: never).
+    then sets `vacuum_due` if the jobs table holds `vacuum_threshold` dead rows and
+    as many rows changed since it last did (0: never).
     """
 
     def __init__(
