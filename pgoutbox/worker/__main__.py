@@ -25,6 +25,7 @@ from ._worker import (
     DEFAULT_CONCURRENCY,
     DEFAULT_POLL_INTERVAL,
     DEFAULT_SHUTDOWN_TIMEOUT,
+    DEFAULT_VACUUM_THRESHOLD,
     Worker,
 )
 
@@ -67,6 +68,13 @@ def build_parser(prog: str = "python -m pgoutbox.worker") -> argparse.ArgumentPa
         help="seconds completed jobs are kept; 0 deletes each as it completes, the fastest "
         "(default: %(default)s)",
     )
+    parser.add_argument(
+        "--vacuum-threshold",
+        type=int,
+        default=DEFAULT_VACUUM_THRESHOLD,
+        help="dead rows in the jobs table at which maintenance vacuums it; 0 never "
+        "(default: %(default)s)",
+    )
     add_common_arguments(parser)
     return parser
 
@@ -99,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             poll_interval=args.poll_interval,
             shutdown_timeout=args.shutdown_timeout,
             completed_retention=args.completed_retention,
+            vacuum_threshold=args.vacuum_threshold,
         )
         with contextlib.ExitStack() as stack:
             embedded = False

@@ -247,6 +247,23 @@ def test_cli_worker_refuses_unmigrated_schema(
     assert "pgoutbox migrate" in result.stderr
 
 
+def test_cli_worker_passes_vacuum_threshold_to_the_worker(
+    app: tuple[Path, str, str], database_dsn: str
+) -> None:
+    cwd, _schema, _channel = app
+    result = subprocess.run(
+        [sys.executable, "-m", "pgoutbox.worker", "e2e_app:queue", "--vacuum-threshold", "-1"],
+        cwd=cwd,
+        env=_env(database_dsn),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "vacuum_threshold must be an integer >= 0, got -1" in result.stderr
+
+
 def test_cli_status_prints_queues(app: tuple[Path, str, str], database_dsn: str) -> None:
     cwd, schema, _channel = app
     env = _env(database_dsn)
