@@ -229,12 +229,10 @@ def test_cli_worker_bad_queue_path_exits_with_message(tmp_path: Path) -> None:
     assert "cannot import 'no_such_module'" in result.stderr
 
 
-def test_cli_worker_refuses_unmigrated_schema(
-    app: tuple[Path, str, str], database_dsn: str
-) -> None:
-    cwd, _schema, _channel = app
-    result = subprocess.run(
-        [sys.executable, "-m", "pgoutbox.worker", "e2e_app:queue"],
+def _run_worker(cwd: Path, database_dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m pgoutbox.worker e2e_app:queue ARGS`` to its end."""
+    return subprocess.run(
+        [sys.executable, "-m", "pgoutbox.worker", "e2e_app:queue", *args],
         cwd=cwd,
         env=_env(database_dsn),
         capture_output=True,
@@ -242,6 +240,13 @@ def test_cli_worker_refuses_unmigrated_schema(
         timeout=TIMEOUT,
         check=False,
     )
+
+
+def test_cli_worker_refuses_unmigrated_schema(
+    app: tuple[Path, str, str], database_dsn: str
+) -> None:
+    cwd, _schema, _channel = app
+    result = _run_worker(cwd, database_dsn)
     assert result.returncode == 2
     assert "not installed" in result.stderr
     assert "pgoutbox migrate" in result.stderr
@@ -251,15 +256,7 @@ def test_cli_worker_passes_vacuum_threshold_to_the_worker(
     app: tuple[Path, str, str], database_dsn: str
 ) -> None:
     cwd, _schema, _channel = app
-    result = subprocess.run(
-        [sys.executable, "-m", "pgoutbox.worker", "e2e_app:queue", "--vacuum-threshold", "-1"],
-        cwd=cwd,
-        env=_env(database_dsn),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
+    result = _run_worker(cwd, database_dsn, "--vacuum-threshold", "-1")
     assert result.returncode == 2
     assert "vacuum_threshold must be an integer >= 0, got -1" in result.stderr
 
