@@ -311,7 +311,9 @@ DELETE FROM {schema}.jobs AS j USING doomed WHERE j.id = doomed.id
 -- Whether the jobs table holds at least `threshold` dead row versions (by
 -- PostgreSQL's statistics, which lag by a second or so), the connected role
 -- may vacuum it (as a member of the table's owner or of the database's owner,
--- or as a superuser), and no other worker holds the maintenance lock; and the
+-- as a superuser, or from PostgreSQL 17 on with the MAINTAIN privilege on the
+-- table, which older servers reject as an unknown privilege: CASE keeps them
+-- from evaluating it), and no other worker holds the maintenance lock; and the
 -- rows updated and deleted in the table so far, by which the worker tells
 -- whether anything changed since it last had the table vacuumed (rows that a
 -- long transaction still sees stay dead through a vacuum). Every claimed job
@@ -321,7 +323,9 @@ SELECT pg_try_advisory_xact_lock(hashtextextended('pgoutbox.maintenance:' || %(s
        AND pg_stat_get_dead_tuples(c.oid) >= %(threshold)s
        AND (pg_has_role(c.relowner, 'USAGE')
             OR pg_has_role((SELECT d.datdba FROM pg_catalog.pg_database AS d
-                            WHERE d.datname = current_database()), 'USAGE')),
+                            WHERE d.datname = current_database()), 'USAGE')
+            OR CASE WHEN current_setting('server_version_num')::int >= 170000
+                    THEN has_table_privilege(c.oid, 'MAINTAIN') ELSE false END),
        pg_stat_get_tuples_updated(c.oid) + pg_stat_get_tuples_deleted(c.oid)
 FROM pg_catalog.pg_class AS c
 WHERE c.relname = 'jobs'

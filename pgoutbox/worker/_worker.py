@@ -131,7 +131,8 @@ class Worker:
             fetch reads past them until a vacuum removes them: about 0.85 ms
             more per fetch per 100,000 jobs on a 2-core machine. Autovacuum
             comes at most once per ``autovacuum_naptime``. The role must be a
-            member of the table's or the database's owner, or a superuser;
+            member of the table's or the database's owner, a superuser, or
+            (PostgreSQL 17 and later) hold ``MAINTAIN`` on the table;
             otherwise nothing is done.
         prepared_statements: let the fetch/ack connection use server-side
             prepared statements (faster). Turn off behind a pooler in

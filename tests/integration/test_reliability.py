@@ -486,6 +486,37 @@ async def test_vacuum_is_due_past_the_threshold_for_the_tables_owner_only(
             await c.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
+async def test_vacuum_is_due_for_a_role_granted_maintain_from_postgres_17_on(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    """PostgreSQL 17 lets a role that does not own the table vacuum it with the
+    MAINTAIN privilege; older servers do not know the privilege, and the check
+    must not ask them about it."""
+    await _dead_rows(queue, 5)
+    st, schema = queue.statements, queue.schema
+    role = f"pgoutbox_test_{uuid.uuid4().hex[:12]}"
+    async with queue.connection() as c:
+        cur = await c.execute("SELECT current_setting('server_version_num')::int")
+        row = await cur.fetchone()
+        assert row is not None
+        has_maintain = row[0] >= 170000
+        await c.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(role)))
+        try:
+            if has_maintain:
+                await c.execute(
+                    sql.SQL("GRANT MAINTAIN ON {}.jobs TO {}").format(
+                        sql.Identifier(schema), sql.Identifier(role)
+                    )
+                )
+            await c.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
+            due, _ = await _store.jobs_vacuum_due(c, st, schema=schema, threshold=5)
+            assert due is has_maintain
+        finally:
+            await c.execute("RESET ROLE")
+            await c.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            await c.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
 async def _dead_rows(queue: Queue, n: int) -> None:
     """Insert and delete `n` job rows, and report their statistics at once."""
     async with queue.connection() as c, c.transaction():
