@@ -56,6 +56,11 @@ alternate within each run, each on a fresh table or schema, in a throw-away
 database. The ratio to ``delete`` bounds what any queue that writes its claim
 can reach against the yardstick, before Python runs a job.
 
+The last two columns are the write-ahead log each loop writes per job (WAL
+records and bytes, medians), from the server's ``pg_stat_wal``: every row a
+statement locks, writes or deletes, and every index entry it adds, is a
+record, so they show what a loop does per job whatever the machine's speed.
+
 With ``--running N``, the first N of ``jobs + N`` rows are taken before the
 clock starts, in each loop's own way, and stay taken while the loop drains the
 other ``jobs`` rows: deleted by the deleting loops, claimed by another worker
@@ -72,7 +77,7 @@ import statistics
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import anyio
 from _scratch import add_dsn_option, throwaway_database
@@ -216,6 +221,52 @@ LOOPS: Final = (
 )
 
 
+class Drained(NamedTuple):
+    """What one loop's drain cost: its rate, and the WAL it wrote per job."""
+
+    rate: float
+    wal_records: float
+    wal_bytes: float
+
+
+class Meter:
+    """Times a drain on `conn`, and counts the write-ahead log it writes.
+
+    The WAL counts are the server's (``pg_stat_wal``, PostgreSQL 14 and newer),
+    read after ``pg_stat_force_next_flush()`` (15 and newer) has made the
+    connection's own counts current: anything else the server writes meanwhile
+    (autovacuum, say) is counted too, which the median of several runs smooths.
+    """
+
+    def __init__(self, conn: pgoutbox.Connection[Any]) -> None:
+        self._conn = conn
+        self._started = 0.0
+        self._wal = (0, 0)
+
+    async def _read_wal(self) -> tuple[int, int]:
+        await self._conn.execute("SELECT pg_stat_force_next_flush()")
+        cur = await self._conn.execute("SELECT wal_records, wal_bytes::int8 FROM pg_stat_wal")
+        row = await cur.fetchone()
+        if row is None:
+            raise RuntimeError("pg_stat_wal returned no row")
+        return int(row[0]), int(row[1])
+
+    async def start(self) -> None:
+        """Mark the drain's start: read the WAL counts, then start the clock."""
+        self._wal = await self._read_wal()
+        self._started = time.perf_counter()
+
+    async def stop(self, done: int, jobs: int) -> Drained:
+        """The drain of `jobs` rows is over, with `done` rows taken."""
+        elapsed = time.perf_counter() - self._started
+        if done != jobs:
+            raise RuntimeError(f"drained {done} of {jobs} rows")
+        records, size = await self._read_wal()
+        return Drained(
+            jobs / elapsed, (records - self._wal[0]) / jobs, (size - self._wal[1]) / jobs
+        )
+
+
 async def _preload(conn: pgoutbox.Connection[Any], table: str, jobs: int) -> None:
     await conn.execute(
         sql.SQL(
@@ -229,14 +280,15 @@ async def _preload(conn: pgoutbox.Connection[Any], table: str, jobs: int) -> Non
 
 async def _statement_loop(
     conn: pgoutbox.Connection[Any], loop: StatementLoop, jobs: int, batch: int, running: int
-) -> float:
+) -> Drained:
     await conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(loop.table)))
     await conn.execute(loop.create)
     await _preload(conn, loop.table, jobs + running)
     if running:
         # Another worker's jobs, taken at the head of the queue and never finished.
         await conn.execute(loop.statement, loop.params([], "w0", running))
-    started, done = time.perf_counter(), 0
+    meter, done = Meter(conn), 0
+    await meter.start()
     previous: list[int] = []
     while True:
         cur = await conn.execute(loop.statement, loop.params(previous, "w1", batch))
@@ -244,12 +296,12 @@ async def _statement_loop(
         done += len(previous)
         if not previous:
             break
-    return _rate(done, jobs, started)
+    return await meter.stop(done, jobs)
 
 
 async def _lock_delete_loop(
     dsn: str, conn: pgoutbox.Connection[Any], jobs: int, batch: int, running: int
-) -> float:
+) -> Drained:
     await conn.execute("DROP TABLE IF EXISTS q3")
     await conn.execute(LOCK_TABLE)
     await _preload(conn, "q3", jobs + running)
@@ -257,7 +309,8 @@ async def _lock_delete_loop(
     async with await pgoutbox.connect(dsn) as other:
         if running:
             await other.execute(LOCK_FETCH, [running])
-        started, done, batches = time.perf_counter(), 0, 0
+        meter, done, batches = Meter(conn), 0, 0
+        await meter.start()
         previous: list[int] = []
         # The connection is in autocommit mode: the loop opens and ends its own
         # transactions, one per LOCK_BATCHES_PER_COMMIT batches.
@@ -275,7 +328,7 @@ async def _lock_delete_loop(
                 await conn.execute("COMMIT")
                 await conn.execute("BEGIN")
         await conn.execute("COMMIT")
-        return _rate(done, jobs, started)
+        return await meter.stop(done, jobs)
 
 
 async def _jobs_loop(
@@ -287,7 +340,7 @@ async def _jobs_loop(
     batch: int,
     run: int,
     running: int,
-) -> float:
+) -> Drained:
     """Drain pgoutbox's schema: with its fetch statement, or with ``JOBS_CLAIM``."""
     schema = f"claim_bench_{run}"
     queue = pgoutbox.Queue(dsn, schema=schema)
@@ -370,18 +423,19 @@ class FetchLoop:
 
 async def _drain_with_fetch(
     conn: pgoutbox.Connection[Any], st: Statements, worker_id: str, jobs: int, batch: int
-) -> float:
-    loop = FetchLoop(conn, st, worker_id)
-    started, done = time.perf_counter(), 0
+) -> Drained:
+    loop, meter, done = FetchLoop(conn, st, worker_id), Meter(conn), 0
+    await meter.start()
     while took := await loop.fetch(batch):
         done += took
-    return _rate(done, jobs, started)
+    return await meter.stop(done, jobs)
 
 
 async def _drain_with_claim(
     conn: pgoutbox.Connection[Any], statement: sql.Composed, worker_id: str, jobs: int, batch: int
-) -> float:
-    started, done = time.perf_counter(), 0
+) -> Drained:
+    meter, done = Meter(conn), 0
+    await meter.start()
     previous: list[int] = []
     previous_claim: str | None = None
     while True:
@@ -400,14 +454,7 @@ async def _drain_with_claim(
         done += len(previous)
         if not previous:
             break
-    return _rate(done, jobs, started)
-
-
-def _rate(done: int, jobs: int, started: float) -> float:
-    elapsed = time.perf_counter() - started
-    if done != jobs:
-        raise RuntimeError(f"drained {done} of {jobs} rows")
-    return jobs / elapsed
+    return await meter.stop(done, jobs)
 
 
 async def _one(
@@ -419,7 +466,7 @@ async def _one(
     batch: int,
     run: int,
     running: int,
-) -> float:
+) -> Drained:
     if loop in STATEMENT_LOOPS:
         return await _statement_loop(conn, STATEMENT_LOOPS[loop], jobs, batch, running)
     if loop == "lock+delete":
@@ -436,7 +483,7 @@ async def _one(
 
 
 async def main(dsn: str, jobs: int, batch: int, runs: int, running: int) -> None:
-    results: dict[str, list[float]] = {loop: [] for loop in LOOPS}
+    results: dict[str, list[Drained]] = {loop: [] for loop in LOOPS}
     async with (
         throwaway_database(dsn, "pgoutbox_claim_") as db,
         await pgoutbox.connect(db, autocommit=True) as conn,
@@ -450,22 +497,29 @@ async def main(dsn: str, jobs: int, batch: int, runs: int, running: int) -> None
 
 
 def report(
-    results: Mapping[str, Sequence[float]], jobs: int, batch: int, runs: int, running: int = 0
+    results: Mapping[str, Sequence[Drained]], jobs: int, batch: int, runs: int, running: int = 0
 ) -> str:
-    """The table: jobs/s (median, min-max), µs per job, and the ratio to ``delete``."""
-    base = statistics.median(results["delete"])
+    """The table: jobs/s (median, min-max), µs per job, the ratio to ``delete``, and
+    the WAL records and bytes written per job (medians)."""
+    base = statistics.median(r.rate for r in results["delete"])
     lines = [
         (
             f"{jobs:,} rows, {batch} per statement, {runs} runs (median, min-max), "
             f"no handlers, {running:,} jobs of another worker running"
         ),
-        f"{'loop':22} {'jobs/s':>10} {'min-max':>17} {'µs/job':>7} {'÷ delete':>9}",
+        (
+            f"{'loop':22} {'jobs/s':>10} {'min-max':>17} {'µs/job':>7} {'÷ delete':>9} "
+            f"{'WAL rec/job':>12} {'WAL B/job':>10}"
+        ),
     ]
-    for loop, rates in results.items():
+    for loop, drains in results.items():
+        rates = [d.rate for d in drains]
         median = statistics.median(rates)
+        records = statistics.median(d.wal_records for d in drains)
+        size = statistics.median(d.wal_bytes for d in drains)
         lines.append(
             f"{loop:22} {median:>10,.0f} {min(rates):>8,.0f}-{max(rates):<8,.0f} "
-            f"{1e6 / median:>7.1f} {median / base:>9.2f}"
+            f"{1e6 / median:>7.1f} {median / base:>9.2f} {records:>12.2f} {size:>10,.0f}"
         )
     return "\n".join(lines)
 
