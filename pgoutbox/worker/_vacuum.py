@@ -103,5 +103,10 @@ class Vacuumer:
             self._conninfo(), autocommit=True, **CONNECTION_KWARGS
         ) as conn:
             conn.add_notice_handler(lambda diag: warned.append(diag.sqlstate or ""))
+            # A statement_timeout set on the role or the database is meant for
+            # the application's queries; a vacuum of a large table may take
+            # minutes, and autovacuum is not subject to it either. The
+            # connection is this vacuum's alone.
+            await conn.execute("SET statement_timeout = 0")
             await _store.jobs_vacuum(conn, schema=self._queue.schema)
         return warned

@@ -588,6 +588,22 @@ async def test_a_vacuum_that_postgres_skips_is_not_counted(queue: Queue) -> None
     assert await _vacuum_count(queue) == 1
 
 
+async def test_a_statement_timeout_of_the_role_does_not_cut_a_vacuum_short(queue: Queue) -> None:
+    await _dead_rows(queue, 20_000)
+    due = Wakeup()
+    # What a role's or database's setting gives every session: 1 ms, far less than this vacuum.
+    conninfo = psycopg.conninfo.make_conninfo(queue.conninfo, options="-c statement_timeout=1")
+    vacuumer = Vacuumer(lambda: conninfo, queue, "w", due)
+    with watching_logs() as logs:
+        async with anyio.create_task_group() as tg:
+            await tg.start(vacuumer.run)
+            due.set()
+            await logs.wait_for_event("jobs.vacuumed")
+            tg.cancel_scope.cancel()
+    assert vacuumer.vacuums == 1
+    assert await _vacuum_count(queue) == 1
+
+
 async def test_a_failed_vacuum_is_logged_and_the_next_round_tries_again(queue: Queue) -> None:
     due = Wakeup()
     # Nothing listens on port 1: every connection attempt fails at once.
