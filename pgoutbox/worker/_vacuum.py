@@ -23,6 +23,9 @@ logger = logging.getLogger("pgoutbox.worker")
 DEFAULT_VACUUM_THRESHOLD: Final = 100_000
 """Dead row versions in the jobs table that make a maintenance round vacuum it."""
 
+TRANSACTION_TIMEOUT_SINCE: Final = 170000
+"""The first server version (``server_version_num``) with ``transaction_timeout``."""
+
 SKIPPED: Final = {
     "55P03": "another vacuum of it is running",
     "42501": "this role may not vacuum it",
@@ -103,10 +106,13 @@ class Vacuumer:
             self._conninfo(), autocommit=True, **CONNECTION_KWARGS
         ) as conn:
             conn.add_notice_handler(lambda diag: warned.append(diag.sqlstate or ""))
-            # A statement_timeout set on the role or the database is meant for
-            # the application's queries; a vacuum of a large table may take
-            # minutes, and autovacuum is not subject to it either. The
-            # connection is this vacuum's alone.
+            # The timeouts a role or a database may set are meant for the
+            # application's queries; a vacuum of a large table may take
+            # minutes, and autovacuum is not subject to them either. The
+            # session is this vacuum's alone, closed after it (workers do not
+            # run through transaction pooling, where a SET would outlive it).
             await conn.execute("SET statement_timeout = 0")
+            if conn.info.server_version >= TRANSACTION_TIMEOUT_SINCE:
+                await conn.execute("SET transaction_timeout = 0")
             await _store.jobs_vacuum(conn, schema=self._queue.schema)
         return warned

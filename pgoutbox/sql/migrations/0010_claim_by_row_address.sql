@@ -12,9 +12,12 @@
 -- interleaved pairs of benchmarks/bench_claim.py's pgoutbox loop (3 drains
 -- each) the median went from 64,450 to 66,550 jobs/s, faster in 7 pairs.
 --
--- Nothing else changes: the signature, the result, which jobs it picks, the fences and
--- the set-aside step are those of migration 9, so workers of versions 7 to 9,
--- which call fetch_jobs with the same arguments, run it unchanged.
+-- Nothing else changes: the signature, the columns, which jobs it picks, the
+-- fences and the set-aside step are those of migration 9, so workers of
+-- versions 7 to 9, which call fetch_jobs with the same arguments, run it
+-- unchanged. Only the claimed rows come back in the order of their row
+-- addresses instead of their ids; no worker relies on the order (each claimed
+-- job has a free slot and starts at once).
 
 CREATE OR REPLACE FUNCTION {schema}.fetch_jobs(
     done_ids bigint[], done_attempts integer[], done_claims uuid[], keep boolean,
