@@ -170,6 +170,21 @@ class Heartbeat:
         workers, jobs = await _store.worker_rescue_expired(
             conn, self._queue.statements, schema=self._queue.schema
         )
+        # Count and log the rescue at once: the rescued jobs may already be
+        # running again, and the worker may be stopped during the steps below.
+        if workers or jobs:
+            self.rescued += jobs
+            logger.warning(
+                "rescued %d jobs of %d workers whose heartbeat expired",
+                jobs,
+                workers,
+                extra={
+                    "event": "worker.rescued",
+                    "worker_id": self._worker_id,
+                    "workers": workers,
+                    "jobs": jobs,
+                },
+            )
         for _ in range(PRUNE_ROUND_LIMIT):
             deleted = await _store.job_prune(
                 conn,
@@ -189,16 +204,3 @@ class Heartbeat:
             if deleted < PRUNE_BATCH:
                 break
         await self._check_vacuum(conn)
-        if workers or jobs:
-            self.rescued += jobs
-            logger.warning(
-                "rescued %d jobs of %d workers whose heartbeat expired",
-                jobs,
-                workers,
-                extra={
-                    "event": "worker.rescued",
-                    "worker_id": self._worker_id,
-                    "workers": workers,
-                    "jobs": jobs,
-                },
-            )

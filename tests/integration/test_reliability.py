@@ -210,6 +210,19 @@ async def test_rescue_retries_jobs_of_a_dead_worker(
 
     async with conn.transaction():
         job = await queue.enqueue(conn, work, 1)
+    await _run_under_a_dead_worker(queue, job.id)
+    worker = Worker(queue, **FAST)
+    async with running(worker):
+        assert await seen.wait_for(1) == [2]
+    record = await _job(queue, job.id)
+    assert (record.state, record.attempt) == (JobState.COMPLETED, 2)
+    assert record.errors[0].type == "pgoutbox.WorkerLost"
+    assert worker.statistics().rescued == 1
+    assert await count_jobs(queue, "worker_id IS NOT NULL") == 0
+
+
+async def _run_under_a_dead_worker(queue: Queue, job_id: int) -> None:
+    """Make the job `running` (attempt 1) under a worker whose heartbeat expired an hour ago."""
     dead = str(uuid.uuid4())
     await _execute(
         queue,
@@ -222,16 +235,52 @@ async def test_rescue_retries_jobs_of_a_dead_worker(
         queue,
         "UPDATE {schema}.jobs SET state = 'running', attempt = 1, worker_id = %s WHERE id = %s",
         dead,
-        job.id,
+        job_id,
     )
-    worker = Worker(queue, **FAST)
-    async with running(worker):
-        assert await seen.wait_for(1) == [2]
-    record = await _job(queue, job.id)
-    assert (record.state, record.attempt) == (JobState.COMPLETED, 2)
-    assert record.errors[0].type == "pgoutbox.WorkerLost"
-    assert worker.statistics().rescued == 1
-    assert await count_jobs(queue, "worker_id IS NOT NULL") == 0
+
+
+async def test_a_rescue_is_counted_before_the_rest_of_the_maintenance_round(
+    queue: Queue, conn: pgoutbox.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rescued jobs may run again at once, and the worker be stopped while the
+    round goes on pruning: the rescue must be counted (and logged) already."""
+
+    @queue.task
+    async def work(i: int) -> None: ...
+
+    async with conn.transaction():
+        job = await queue.enqueue(conn, work, 1)
+    await _run_under_a_dead_worker(queue, job.id)
+    pruning = anyio.Event()
+
+    async def prune_forever(*args: object, **kwargs: object) -> int:
+        pruning.set()
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(_store, "job_prune", prune_forever)
+    heartbeat = Heartbeat(
+        None,  # type: ignore[arg-type]  # maintenance does not use the link
+        queue,
+        "w",
+        register=lambda conn: checkpoint(),
+        on_cancel=lambda ids: None,
+        cancel_hint=Wakeup(),
+        interval=1.0,
+        maintenance_interval=1.0,
+        completed_retention=3600.0,
+        failed_retention=3600.0,
+        vacuum_threshold=0,
+        vacuum_due=Wakeup(),
+    )
+    with watching_logs() as logs:
+        async with queue.connection() as c, anyio.create_task_group() as tg:
+            tg.start_soon(heartbeat._maintain, c)
+            with anyio.fail_after(WAIT_TIMEOUT):
+                await pruning.wait()
+            tg.cancel_scope.cancel()  # the worker stops in the middle of the round
+        await logs.wait_for_event("worker.rescued")
+    assert heartbeat.rescued == 1
 
 
 async def test_rescue_of_last_attempt_fails_the_job(
