@@ -221,6 +221,24 @@ async def test_rescue_retries_jobs_of_a_dead_worker(
     assert await count_jobs(queue, "worker_id IS NOT NULL") == 0
 
 
+def _maintenance_only(queue: Queue, *, vacuum_threshold: int, vacuum_due: Wakeup) -> Heartbeat:
+    """A heartbeat whose maintenance steps a test calls itself, on a connection of its own."""
+    return Heartbeat(
+        None,  # type: ignore[arg-type]  # maintenance does not use the link
+        queue,
+        "w",
+        register=lambda conn: checkpoint(),
+        on_cancel=lambda ids: None,
+        cancel_hint=Wakeup(),
+        interval=1.0,
+        maintenance_interval=1.0,
+        completed_retention=3600.0,
+        failed_retention=3600.0,
+        vacuum_threshold=vacuum_threshold,
+        vacuum_due=vacuum_due,
+    )
+
+
 async def _run_under_a_dead_worker(queue: Queue, job_id: int) -> None:
     """Make the job `running` (attempt 1) under a worker whose heartbeat expired an hour ago."""
     dead = str(uuid.uuid4())
@@ -259,20 +277,7 @@ async def test_a_rescue_is_counted_before_the_rest_of_the_maintenance_round(
         raise AssertionError("unreachable")
 
     monkeypatch.setattr(_store, "job_prune", prune_forever)
-    heartbeat = Heartbeat(
-        None,  # type: ignore[arg-type]  # maintenance does not use the link
-        queue,
-        "w",
-        register=lambda conn: checkpoint(),
-        on_cancel=lambda ids: None,
-        cancel_hint=Wakeup(),
-        interval=1.0,
-        maintenance_interval=1.0,
-        completed_retention=3600.0,
-        failed_retention=3600.0,
-        vacuum_threshold=0,
-        vacuum_due=Wakeup(),
-    )
+    heartbeat = _maintenance_only(queue, vacuum_threshold=0, vacuum_due=Wakeup())
     with watching_logs() as logs:
         async with queue.connection() as c, anyio.create_task_group() as tg:
             tg.start_soon(heartbeat._maintain, c)
@@ -584,20 +589,7 @@ async def test_maintenance_wakes_the_vacuumer_again_only_after_more_rows_changed
     queue: Queue,
 ) -> None:
     due = Wakeup()
-    heartbeat = Heartbeat(
-        None,  # type: ignore[arg-type]  # the vacuum check does not use the link
-        queue,
-        "w",
-        register=lambda conn: checkpoint(),
-        on_cancel=lambda ids: None,
-        cancel_hint=Wakeup(),
-        interval=1.0,
-        maintenance_interval=1.0,
-        completed_retention=3600.0,
-        failed_retention=3600.0,
-        vacuum_threshold=10,
-        vacuum_due=due,
-    )
+    heartbeat = _maintenance_only(queue, vacuum_threshold=10, vacuum_due=due)
     async with queue.connection() as c:
         await _dead_rows(queue, 10)
         await heartbeat._check_vacuum(c)
