@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import random
 import re
 from collections.abc import Awaitable, Callable, Mapping
@@ -10,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any, Final, Generic, ParamSpec, TypeVar, get_type_hints
 
 import msgspec
+import msgspec.inspect
 
 from ._job import JobSpec
 from .errors import ConfigurationError, PayloadError
@@ -40,7 +42,8 @@ DEFAULT_MAX_ATTEMPTS: Final = 20
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:<>\-]{0,199}$")
 _PRIORITY_RANGE: Final = range(-32768, 32768)
 _MAX_INT32: Final = 2**31 - 1
-_MAX_DELAY: Final = 100 * 365 * 24 * 3600.0  # a century: past that it is a mistake
+MAX_DELAY: Final = 100 * 365 * 24 * 3600.0
+"""The longest delay, retry wait or timeout, in seconds: a century; past that it is a mistake."""
 _RUN_AT_YEARS: Final = (1970, 9999)
 
 
@@ -88,16 +91,27 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         _validate_max_attempts(self.max_attempts)
-        if self.initial_interval < 0 or self.max_interval < 0:
-            raise ConfigurationError("initial_interval and max_interval must be >= 0 seconds")
-        if self.multiplier < 1:
-            raise ConfigurationError(f"multiplier must be >= 1, got {self.multiplier!r}")
-        if not 0 <= self.jitter < 1:
-            raise ConfigurationError(f"jitter must be in [0, 1), got {self.jitter!r}")
+        for field in ("initial_interval", "max_interval"):
+            check_seconds(f"RetryPolicy {field}", getattr(self, field))
+        if not _is_number(self.multiplier) or not 1 <= self.multiplier < math.inf:
+            raise ConfigurationError(
+                f"RetryPolicy multiplier must be a number >= 1, got {self.multiplier!r}"
+            )
+        if not _is_number(self.jitter) or not 0 <= self.jitter < 1:
+            raise ConfigurationError(f"RetryPolicy jitter must be in [0, 1), got {self.jitter!r}")
+        kinds = self.retry_on if isinstance(self.retry_on, tuple) else (self.retry_on,)
+        if not all(isinstance(t, type) and issubclass(t, BaseException) for t in kinds):
+            raise ConfigurationError(
+                f"RetryPolicy retry_on must be a tuple of exception types, got {self.retry_on!r}"
+            )
 
     def interval(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number `attempt` (1-based)."""
-        base = min(self.max_interval, self.initial_interval * self.multiplier ** (attempt - 1))
+        try:
+            grown = self.initial_interval * self.multiplier ** (attempt - 1)
+        except OverflowError:  # a float past its range, or an int too large for one
+            grown = self.max_interval
+        base = min(self.max_interval, grown)
         return base * (1 + self.jitter * (2 * random.random() - 1))  # noqa: S311 (not crypto)
 
     def retries(self, exc: BaseException) -> bool:
@@ -172,8 +186,13 @@ class Task(Generic[P, R]):
     ) -> None:
         if not inspect.iscoroutinefunction(fn):
             raise ConfigurationError(f"task {name!r}: the handler must be an `async def` function")
-        if timeout is not None and not timeout > 0:
-            raise ConfigurationError(f"task {name!r}: timeout must be > 0 seconds or None")
+        if timeout is not None and (not seconds_in_range(timeout) or not timeout > 0):
+            raise ConfigurationError(
+                f"task {name!r}: timeout must be a number of seconds above 0 (at most "
+                f"{MAX_DELAY:.0f}) or None, got {timeout!r}"
+            )
+        if not isinstance(retry, RetryPolicy):
+            raise ConfigurationError(f"task {name!r}: retry must be a RetryPolicy, got {retry!r}")
         self.fn = fn
         self.name = validate_name("task", name)
         self.queue = validate_name("queue", queue)
@@ -185,6 +204,7 @@ class Task(Generic[P, R]):
         self._args_type = args_type or _args_struct(name, fn)
         self._signature = inspect.signature(fn)
         self._decoder = msgspec.json.Decoder(self._args_type)
+        self._floats = _may_hold_a_float(self._args_type)
         # For binding arguments without `Signature.bind` when the parameters are
         # plain (positional-or-keyword or keyword-only, no *args/**kwargs).
         params = list(self._signature.parameters.values())
@@ -272,7 +292,7 @@ class Task(Generic[P, R]):
             raise PayloadError(self.name, f"an argument cannot be converted: {ex}") from None
         except RecursionError:
             raise PayloadError(self.name, "the arguments are nested too deeply") from None
-        text = encode_payload(self.name, payload)
+        text = encode_payload(self.name, payload, floats=self._floats)
         # What the worker cannot decode must not be written (e.g. NaN for a
         # float, which JSON stores as null).
         try:
@@ -376,16 +396,26 @@ def _validate_max_attempts(value: object) -> None:
         )
 
 
-def _validate_delay(task: str, delay: object) -> None:
-    if (
-        isinstance(delay, bool)
-        or not isinstance(delay, int | float)
-        or not 0 <= delay <= _MAX_DELAY
-    ):
+def _is_number(value: object) -> bool:
+    """Whether `value` is an int or a float (not a bool); NaN is one, and fails every range."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def seconds_in_range(value: object) -> bool:
+    """Whether `value` is a number of seconds from 0 to a century (so never NaN or infinite)."""
+    return _is_number(value) and 0 <= value <= MAX_DELAY  # type: ignore[operator]
+
+
+def check_seconds(what: str, value: object) -> None:
+    """Raise `ConfigurationError` unless `value` is a number of seconds from 0 to a century."""
+    if not seconds_in_range(value):
         raise ConfigurationError(
-            f"task {task!r}: delay must be a number of seconds from 0 to {_MAX_DELAY:.0f}, "
-            f"got {delay!r}"
+            f"{what} must be a number of seconds from 0 to {MAX_DELAY:.0f}, got {value!r}"
         )
+
+
+def _validate_delay(task: str, delay: object) -> None:
+    check_seconds(f"task {task!r}: delay", delay)
 
 
 def _validate_run_at(task: str, run_at: object) -> None:
@@ -410,11 +440,15 @@ def _validate_run_at(task: str, run_at: object) -> None:
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
-def encode_payload(task: str, value: object) -> str:
+def encode_payload(task: str, value: object, *, floats: bool = True) -> str:
     """Encode arguments as JSON text that PostgreSQL's jsonb can store.
 
+    With `floats` false the caller knows that `value` holds no float, and the
+    search for NaN and infinities is skipped.
+
     Raises:
-        PayloadError: the value cannot be encoded, or holds a NUL character.
+        PayloadError: the value cannot be encoded, or holds a NUL character, a
+            NaN or an infinity.
     """
     try:
         text = msgspec.json.encode(value).decode()
@@ -424,4 +458,60 @@ def encode_payload(task: str, value: object) -> str:
         raise PayloadError(
             task, "a string holds a NUL character (\\u0000), which PostgreSQL cannot store"
         )
+    # JSON has no NaN or infinity: msgspec writes them as null, which the
+    # handler would then get in their place (as None, or for a float a failed job).
+    if floats and "null" in text and _has_non_finite(value):
+        raise PayloadError(
+            task, "a float is NaN or infinite, which JSON cannot hold (it would be stored as null)"
+        )
     return text
+
+
+_SCALARS: Final = (str, int, bytes, type(None))
+_MAY_BE_FLOAT: Final = (
+    msgspec.inspect.FloatType,
+    msgspec.inspect.AnyType,
+    msgspec.inspect.CustomType,
+)
+
+
+def _may_hold_a_float(struct: type[msgspec.Struct]) -> bool:
+    """Whether a value of `struct` may hold a float anywhere (a float, `Any` or an
+    arbitrary class in its type), so that encoding it must look for NaN."""
+    pending: list[object] = [msgspec.inspect.type_info(struct)]
+    seen: set[int] = set()
+    while pending:
+        item = pending.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, _MAY_BE_FLOAT):
+            return True
+        if isinstance(item, msgspec.Struct):  # a type, or a struct's field
+            pending.extend(msgspec.structs.astuple(item))
+        elif isinstance(item, tuple):
+            pending.extend(item)
+    return False
+
+
+def _has_non_finite(value: object) -> bool:
+    """Whether a NaN or an infinity is anywhere in `value` (which msgspec could encode)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, _SCALARS):
+            continue
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return True
+        elif isinstance(item, msgspec.Struct):
+            pending.extend(msgspec.structs.astuple(item))
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple | set | frozenset):
+            pending.extend(item)
+        else:  # a dataclass, datetime, enum...: as msgspec sees it
+            builtin = msgspec.to_builtins(item)
+            if isinstance(builtin, float | dict | list):
+                pending.append(builtin)
+    return False

@@ -11,6 +11,8 @@ they are how a handler says "not now" or "never"::
 
 from __future__ import annotations
 
+from ._task import MAX_DELAY, seconds_in_range
+
 __all__ = ["Discard", "JobSignal", "Retry", "Snooze"]
 
 
@@ -28,8 +30,11 @@ class Retry(JobSignal):
 
     def __init__(self, after: float | None = None, reason: str = "retry requested") -> None:
         super().__init__(reason)
-        if after is not None and not after >= 0:
-            raise ValueError(f"Retry(after=...) must be >= 0 seconds, got {after!r}")
+        if after is not None and not seconds_in_range(after):
+            raise ValueError(
+                f"Retry(after=...) must be a number of seconds from 0 to {MAX_DELAY:.0f}, "
+                f"got {after!r}"
+            )
         self.after = None if after is None else float(after)
         self.reason = reason
 
@@ -43,8 +48,11 @@ class Snooze(JobSignal):
 
     def __init__(self, after: float) -> None:
         super().__init__(f"snoozed for {after} s")
-        if not after >= 0:
-            raise ValueError(f"Snooze(after=...) must be >= 0 seconds, got {after!r}")
+        if not seconds_in_range(after):
+            raise ValueError(
+                f"Snooze(after=...) must be a number of seconds from 0 to {MAX_DELAY:.0f}, "
+                f"got {after!r}"
+            )
         self.after = float(after)
 
 

@@ -11,6 +11,7 @@ from datetime import datetime
 import pytest
 
 from pgoutbox import ConfigurationError, PayloadError, Queue, RetryPolicy, Task, TaskRef
+from pgoutbox.signals import Retry, Snooze
 
 
 def test_task_default_name_is_module_and_qualname() -> None:
@@ -208,11 +209,66 @@ def test_retry_policy_retries_only_listed_exceptions() -> None:
 
 @pytest.mark.parametrize(
     "options",
-    [{"max_attempts": 0}, {"multiplier": 0.5}, {"jitter": 1.0}, {"initial_interval": -1}],
+    [
+        {"max_attempts": 0},
+        {"multiplier": 0.5},
+        {"multiplier": float("inf")},
+        {"jitter": 1.0},
+        {"jitter": float("nan")},
+        {"initial_interval": -1},
+        {"initial_interval": "1"},
+        {"initial_interval": float("inf"), "max_interval": float("inf")},
+        {"max_interval": float("nan")},
+        {"max_interval": 1e13},
+        {"retry_on": [ValueError]},
+        {"retry_on": (ValueError, "KeyError")},
+    ],
 )
-def test_retry_policy_rejects_bad_values(options: dict[str, float]) -> None:
-    with pytest.raises(ConfigurationError):
+def test_retry_policy_rejects_bad_values(options: dict[str, object]) -> None:
+    # A wait PostgreSQL cannot add to now() (NaN, infinite, past its interval
+    # range) would fail the outcome's write and with it the worker's whole batch.
+    field = next(iter(options))
+    with pytest.raises(ConfigurationError, match=field):
         RetryPolicy(**options)  # type: ignore[arg-type]
+
+
+def test_retry_policy_takes_one_exception_type_or_a_tuple() -> None:
+    assert RetryPolicy(retry_on=KeyError).retries(KeyError())  # type: ignore[arg-type]
+    assert not RetryPolicy(retry_on=(KeyError,)).retries(ValueError())
+
+
+@pytest.mark.parametrize("multiplier", [10, 10.0], ids=["int", "float"])
+def test_retry_policy_interval_stays_capped_where_growth_overflows(multiplier: float) -> None:
+    policy = RetryPolicy(multiplier=multiplier, max_interval=60, jitter=0)
+    assert policy.interval(5_000) == 60
+
+
+@pytest.mark.parametrize("after", [-1, float("nan"), float("inf"), 1e13, "5"])
+@pytest.mark.parametrize("signal", [Retry, Snooze])
+def test_retry_and_snooze_refuse_a_wait_that_is_not_a_number_of_seconds(
+    signal: type[Retry] | type[Snooze], after: object
+) -> None:
+    with pytest.raises(ValueError, match=r"after=\.\.\.\) must be a number of seconds"):
+        signal(after)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf"), True, "5"])
+def test_task_timeout_must_be_a_positive_number_of_seconds(timeout: object) -> None:
+    queue = Queue("", schema="unit")
+
+    async def handler() -> None: ...
+
+    with pytest.raises(ConfigurationError, match="timeout"):
+        queue.task(timeout=timeout)(handler)  # type: ignore[arg-type]
+
+
+def test_task_retry_must_be_a_retry_policy() -> None:
+    queue = Queue("", schema="unit")
+
+    async def handler() -> None: ...
+
+    with pytest.raises(ConfigurationError, match="RetryPolicy"):
+        queue.task(retry=3)(handler)  # type: ignore[arg-type]
 
 
 def test_queue_without_dsn_says_how_to_fix(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -248,3 +304,28 @@ def test_task_encode_refuses_what_postgres_or_the_worker_cannot_take(value: obje
             continue
         # What was accepted must decode back in the worker.
         assert task.decode_args(text) is not None
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_float_is_refused_where_null_would_have_taken_its_place(
+    value: float,
+) -> None:
+    # JSON has no NaN or infinity; stored as null, an optional float would reach
+    # the handler as None, and a job enqueued by name would fail for good.
+    queue = Queue("", schema="unit")
+
+    @queue.task
+    async def optional(x: float | None = None) -> None: ...
+
+    @queue.task
+    async def anything(x: object = None) -> None: ...
+
+    @queue.task
+    async def nested(x: dict[str, list[float]] | None = None) -> None: ...
+
+    for task, arg in ((optional, value), (anything, {"a": [1, value]}), (nested, {"a": [value]})):
+        with pytest.raises(PayloadError, match="NaN or infinite"):
+            task.bind(arg)
+    with pytest.raises(PayloadError, match="NaN or infinite"):
+        TaskRef(name="elsewhere").bind(x=[value])
+    assert optional.bind(None).args == '{"x":null}'
