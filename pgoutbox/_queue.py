@@ -259,6 +259,7 @@ class Queue:
     async def _insert(self, conn: psycopg.AsyncConnection[Any], spec: JobSpec) -> Job:
         if self._capture is not None:
             return self._capture(spec)
+        _check_connection(conn, sync=False)
         job_id, due = await _store.job_insert(
             conn, self.statements, spec, channel=self._channel_for(spec)
         )
@@ -289,6 +290,7 @@ class Queue:
     ) -> list[Job]:
         if self._capture is not None:
             return [self._capture(spec) for spec in batch]
+        _check_connection(conn, sync=False)
         rows = await _store.job_insert_many(
             conn, self.statements, batch, channel=self.channel if self.notify else None
         )
@@ -331,6 +333,7 @@ class Queue:
     def _insert_sync(self, conn: psycopg.Connection[Any], spec: JobSpec) -> Job:
         if self._capture is not None:
             return self._capture(spec)
+        _check_connection(conn, sync=True)
         job_id, due = _store.job_insert_sync(
             conn, self.statements, spec, channel=self._channel_for(spec)
         )
@@ -351,6 +354,7 @@ class Queue:
     def _insert_many_sync(self, conn: psycopg.Connection[Any], batch: list[JobSpec]) -> list[Job]:
         if self._capture is not None:
             return [self._capture(spec) for spec in batch]
+        _check_connection(conn, sync=True)
         rows = _store.job_insert_many_sync(
             conn, self.statements, batch, channel=self.channel if self.notify else None
         )
@@ -502,6 +506,21 @@ class Queue:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+def _check_connection(conn: object, *, sync: bool) -> None:
+    """Refuse a connection of the other kind before anything runs on it (an async
+    call would run a sync connection's statement, and commit it, before failing)."""
+    if sync and not isinstance(conn, psycopg.Connection):
+        raise ConfigurationError(
+            f"enqueue_sync and enqueue_many_sync take a psycopg.Connection, got {conn!r}; "
+            "use enqueue or enqueue_many with a psycopg.AsyncConnection"
+        )
+    if not sync and not isinstance(conn, psycopg.AsyncConnection):
+        raise ConfigurationError(
+            f"enqueue and enqueue_many take a psycopg.AsyncConnection, got {conn!r}; "
+            "use enqueue_sync or enqueue_many_sync with a psycopg.Connection"
+        )
 
 
 def _jobs(rows: list[tuple[int, datetime]], specs: list[JobSpec]) -> list[Job]:

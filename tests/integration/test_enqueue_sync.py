@@ -6,7 +6,8 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from pgoutbox import JobState, PayloadError, Queue
+import pgoutbox
+from pgoutbox import ConfigurationError, JobState, PayloadError, Queue
 
 from ._running import count_jobs
 
@@ -67,3 +68,24 @@ async def test_enqueue_sync_on_a_connection_with_another_row_factory(
         many = queue.enqueue_many_sync(sync_conn, [send.bind("b"), send.bind("c")])
     assert [j.id for j in many] == [one.id + 1, one.id + 2]
     assert await count_jobs(queue) == 3
+
+
+async def test_a_connection_of_the_other_kind_is_refused_before_anything_is_written(
+    queue: Queue, database_dsn: str
+) -> None:
+    # Given a sync connection, the async enqueue would run and commit its
+    # statement before failing to await it: a caller that retried would write twice.
+    @queue.task
+    async def send(to: str) -> None: ...
+
+    with psycopg.connect(database_dsn, autocommit=True) as sync_conn:
+        with pytest.raises(ConfigurationError, match="enqueue_sync"):
+            await queue.enqueue(sync_conn, send, "a")  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="enqueue_many_sync"):
+            await queue.enqueue_many(sync_conn, [send.bind("b")])  # type: ignore[arg-type]
+    async with await pgoutbox.connect(database_dsn, autocommit=True) as conn:
+        with pytest.raises(ConfigurationError, match="AsyncConnection"):
+            queue.enqueue_sync(conn, send, "c")  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="AsyncConnection"):
+            queue.enqueue_many_sync(conn, [send.bind("d")])  # type: ignore[arg-type]
+    assert await count_jobs(queue) == 0
