@@ -28,15 +28,40 @@ _encode_error = msgspec.json.Encoder().encode
 
 
 def _error(job: ClaimedJob, exc: BaseException, *, with_traceback: bool = True) -> str:
-    tb = "".join(traceback.format_exception(exc))[-MAX_TRACEBACK_CHARS:] if with_traceback else None
+    """The error record of a failed attempt, as JSON that PostgreSQL's jsonb accepts
+    whatever the exception holds: its text could otherwise fail the write of the
+    whole batch of outcomes, on every worker that ran the job."""
+    tb = _traceback(exc)[-MAX_TRACEBACK_CHARS:] if with_traceback else None
+    try:
+        message = str(exc)
+    except Exception as ex:  # noqa: BLE001 (a broken __str__ must not crash the worker)
+        message = f"(the exception's message could not be read: {type(ex).__name__})"
     record = JobError(
         attempt=job.attempt,
         at=datetime.now(UTC),
-        type=f"{type(exc).__module__}.{type(exc).__qualname__}",
-        message=str(exc),
-        traceback=tb,
+        type=storable(f"{type(exc).__module__}.{type(exc).__qualname__}"),
+        message=storable(message),
+        traceback=None if tb is None else storable(tb),
     )
     return _encode_error(record).decode()
+
+
+def _traceback(exc: BaseException) -> str:
+    try:
+        return "".join(traceback.format_exception(exc))
+    except Exception as ex:  # noqa: BLE001 (formatting calls the exception's __str__)
+        return f"(the traceback could not be formatted: {type(ex).__name__})"
+
+
+def storable(text: str) -> str:
+    """`text` with what jsonb cannot hold replaced: NUL characters and lone surrogates."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\N{REPLACEMENT CHARACTER}")
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        text = text.encode(errors="replace").decode()
+    return text
 
 
 def _context(job: ClaimedJob, **more: Any) -> dict[str, Any]:
@@ -86,8 +111,10 @@ async def _attempt(task: Task[Any, Any], job: ClaimedJob, context: JobContext) -
     try:
         kwargs = task.decode_args(job.args)
     except PayloadError as ex:
-        logger.exception(
-            "job %s cannot run: its arguments do not decode",
+        # Not the error's text: msgspec's message may quote a value of the payload.
+        logger.error(  # noqa: TRY400 (see above)
+            "job %s cannot run: its arguments do not fit the handler's parameters (the "
+            "job's error history has the details)",
             job.id,
             extra=_context(job, event="job.undecodable"),
         )

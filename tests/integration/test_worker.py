@@ -411,6 +411,51 @@ async def test_worker_undecodable_payload_fails_job(
     assert "year" in record.errors[0].message
 
 
+class _UnprintableError(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no message")
+
+
+async def test_an_exception_jsonb_cannot_hold_fails_its_job_not_the_worker(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    # A NUL character or a lone surrogate in the message, or a __str__ that
+    # raises: written as they were, they failed the batch of outcomes and the
+    # worker with it, and every worker that took the job after.
+    seen = Recorder()
+
+    @queue.task(retry=RetryPolicy(max_attempts=1))
+    async def poison(kind: str) -> None:
+        if kind == "nul":
+            raise ValueError("before\x00after")
+        if kind == "surrogate":
+            raise ValueError("before\ud800after")
+        raise _UnprintableError
+
+    @queue.task
+    async def fine(i: int) -> None:
+        seen.record(i)
+
+    with watching_logs() as logs:
+        async with running(Worker(queue, poll_interval=0.05)):
+            async with conn.transaction():
+                poisoned = [await queue.enqueue(conn, poison, k) for k in ("nul", "surrogate", "x")]
+                await queue.enqueue(conn, fine, 1)
+            await logs.wait_for_event("job.failed", 3)
+            await seen.wait_for(1)
+    messages = []
+    for job in poisoned:
+        record = await queue.get_job(job.id)
+        assert record is not None
+        assert record.state is JobState.FAILED
+        messages.append(record.errors[0].message)
+    assert messages == [
+        "before\N{REPLACEMENT CHARACTER}after",
+        "before?after",
+        "(the exception's message could not be read: RuntimeError)",
+    ]
+
+
 async def test_worker_runs_delayed_job_when_due(
     queue: Queue, conn: pgoutbox.Connection[Any]
 ) -> None:
