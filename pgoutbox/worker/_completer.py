@@ -63,6 +63,9 @@ class Completer:
         self._keep_completed = keep_completed
         self._instrumentation = instrumentation
         self._pending: list[Outcome] = []
+        # The batch `run` is writing: if the write is cancelled (the worker
+        # stopping at once), `take_pending` hands it out again with the rest.
+        self._inflight: list[Outcome] = []
         self._others = 0  # pending outcomes that are not completions: written at once
         self._oldest = 0.0  # when the pending list last became non-empty
         self._hurry = False  # write what waits without lingering
@@ -193,7 +196,9 @@ class Completer:
             del self._pending[:MAX_BATCH]
             self._others -= sum(1 for o in batch if o.state is not JobState.COMPLETED)
             self._removed()
+            self._inflight = batch
             await self._write(batch)
+            self._inflight = []
 
     def _should_linger(self) -> bool:
         """Whether waiting completions should wait for the producer's fetch a little longer."""
@@ -210,9 +215,12 @@ class Completer:
         await self._attention.wait()
 
     def take_pending(self) -> list[Outcome]:
-        """Take every outcome not yet written (after `run` ended) and close."""
+        """Take every outcome not known to be written (after `run` ended) and close:
+        also the batch whose write was cancelled, which may or may not have
+        committed (writes are fenced, so writing it again is harmless)."""
         self._closed = True
-        left, self._pending = self._pending, []
+        left, self._pending = self._inflight + self._pending, []
+        self._inflight = []
         self._others = 0
         self._removed()
         return left

@@ -143,3 +143,27 @@ async def test_a_full_completer_refuses_and_makes_putters_wait() -> None:
         assert completer.pending == 2  # waiting for room
         assert completer.take_completions() == [done(1), done(2)]
     assert completer.take_completions() == [done(3)]
+
+
+class StuckCompleter(RecordingCompleter):
+    """A completer whose writes never end, as a write blocked on a row lock."""
+
+    async def _write(self, batch: list[Outcome]) -> None:
+        await super()._write(batch)
+        await anyio.sleep_forever()
+
+
+async def test_a_batch_whose_write_was_cancelled_is_handed_out_again() -> None:
+    # The worker stopping at once cancels the write; the worker's last flush
+    # must still see that batch, or jobs that ran would go back to the queue.
+    completer = StuckCompleter()
+    retry = Outcome(2, 1, JobState.RETRYABLE, delay=1.0)
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            await tg.start(completer.run)
+            completer.put_nowait(retry)
+            assert await completer.next_write() == [retry]
+            completer.put_nowait(done(3))
+            scope.cancel()
+    assert completer.take_pending() == [retry, done(3)]
+    assert completer.take_pending() == []
