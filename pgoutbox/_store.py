@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import psycopg
@@ -408,6 +408,28 @@ async def job_release_claim(
     """Give back the still-running jobs of one fetch (whose rows never arrived)."""
     cur = await _execute(conn, st.job_release_claim, {"worker_id": worker_id, "claim_id": claim_id})
     return len(await cur.fetchall())
+
+
+class Backend(NamedTuple):
+    """A connection's server process: its pid, when it started, and the client's name."""
+
+    pid: int
+    backend_start: datetime
+    application_name: str
+
+
+async def backend_identity(conn: AnyConnection, st: Statements) -> Backend:
+    """The server process of `conn`."""
+    cur = await _execute(conn, st.backend_identity)
+    row = await cur.fetchone()
+    assert row is not None  # noqa: S101 (a session always sees itself)
+    return Backend(row[0], row[1], row[2])
+
+
+async def backend_end(conn: AnyConnection, st: Statements, backend: Backend) -> bool:
+    """Ask `backend` to end if it still runs (when this role may); False once it is gone."""
+    cur = await _execute(conn, st.backend_end, backend._asdict())
+    return await cur.fetchone() is not None
 
 
 async def job_set_outcome_many(

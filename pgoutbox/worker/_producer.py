@@ -27,6 +27,9 @@ logger = logging.getLogger("pgoutbox.worker")
 FETCH_TIMEOUT: Final = 30.0
 """Seconds a fetch may take before the connection is deemed dead."""
 
+BACKEND_END_CHECK: Final = 0.05
+"""Seconds between looks for the end of a server process whose fetch reply was lost."""
+
 FETCH_DEBOUNCE: Final = 0.005
 """Seconds a busy worker with a backlog waits for more free slots, so one fetch fills several."""
 
@@ -154,7 +157,10 @@ class Producer:
         self._poll_interval = poll_interval
         self._completer = completer
         self._keep_completed = keep_completed
-        self._unconfirmed: list[str] = []  # claim ids of fetches whose reply was lost
+        # Fetches whose reply was lost: the claim id, and the server process
+        # that ran the fetch (it may still be running it).
+        self._unconfirmed: list[tuple[str, _store.Backend]] = []
+        self._backend: tuple[Connection[Any], _store.Backend] | None = None
         self.waiting = False
         """Whether it sleeps until new work may be there (its last fetch was not full)."""
         self.fetches = 0
@@ -212,6 +218,9 @@ class Producer:
         conn = await self._link.get()
         if self._unconfirmed and not await self._release_unconfirmed(conn):
             return None
+        backend = await self._backend_of(conn)
+        if backend is None:
+            return None
         claim_id = str(uuid.uuid4())
         completed = self._completer.take_completions()
         started = time.monotonic()
@@ -230,7 +239,7 @@ class Producer:
                 )
         except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as ex:
             self._completer.give_back(completed)
-            self._unconfirmed.append(claim_id)
+            self._unconfirmed.append((claim_id, backend))
             await self._link.failed(conn, ex)
             return None
         except BaseException:
@@ -247,16 +256,48 @@ class Producer:
             )
         return claimed, next_due
 
+    async def _backend_of(self, conn: Connection[Any]) -> _store.Backend | None:
+        """The server process of `conn` (asked once per connection); None if that failed."""
+        if self._backend is not None and self._backend[0] is conn:
+            return self._backend[1]
+        try:
+            with anyio.fail_after(FETCH_TIMEOUT, shield=True):
+                backend = await _store.backend_identity(conn, self._queue.statements)
+        except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as ex:
+            await self._link.failed(conn, ex)
+            return None
+        self._backend = (conn, backend)
+        return backend
+
     async def _release_unconfirmed(self, conn: Connection[Any]) -> bool:
-        """Give back the jobs of fetches whose replies were lost; False if that failed."""
+        """Give back the jobs of fetches whose replies were lost; False if that failed.
+
+        The connection may have been lost on this side only: the server process
+        may still be running the fetch, and commit its claim after a release.
+        So each claim is given back only after that process has ended; it is
+        asked to end, if this role may, and otherwise awaited.
+        """
+        st = self._queue.statements
         try:
             with anyio.fail_after(FETCH_TIMEOUT, shield=True):
                 while self._unconfirmed:
+                    claim_id, backend = self._unconfirmed[0]
+                    if await _store.backend_end(conn, st, backend):
+                        logger.warning(
+                            "the fetch whose reply was lost still ran on the server: its "
+                            "process was asked to end, and its claim is given back after",
+                            extra={
+                                "event": "worker.lost_fetch_running",
+                                "worker_id": self._worker_id,
+                                "pid": backend.pid,
+                            },
+                        )
+                        while True:
+                            await anyio.sleep(BACKEND_END_CHECK)
+                            if not await _store.backend_end(conn, st, backend):
+                                break
                     released = await _store.job_release_claim(
-                        conn,
-                        self._queue.statements,
-                        worker_id=self._worker_id,
-                        claim_id=self._unconfirmed[0],
+                        conn, st, worker_id=self._worker_id, claim_id=claim_id
                     )
                     self._unconfirmed.pop(0)
                     if released:

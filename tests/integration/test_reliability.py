@@ -24,7 +24,7 @@ from pgoutbox import (
     current_job,
 )
 from pgoutbox._job import ClaimedJob, Outcome
-from pgoutbox.worker import _completer, _listener, _producer
+from pgoutbox.worker import _completer, _heartbeat, _listener, _producer
 from pgoutbox.worker._heartbeat import Heartbeat
 from pgoutbox.worker._vacuum import Vacuumer
 from pgoutbox.worker._wakeup import Wakeup
@@ -961,6 +961,59 @@ async def test_claimed_jobs_run_even_if_the_connection_dies_right_after_the_clai
             await failed.wait()
     assert claimed == [job.id]
     assert (await _job(queue, job.id)).state is JobState.COMPLETED
+
+
+async def test_a_lost_fetch_still_running_on_the_server_ends_before_its_claim_is_given_back(
+    queue: Queue, conn: pgoutbox.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker closes its connection while a fetch still runs on the server
+    # (here the heartbeat, whose timeout also counts its wait for the connection,
+    # behind a fetch blocked on a row lock). Given back at once, the claim would
+    # find nothing, and the fetch would commit it later: a job `running` under
+    # a live worker that no executor runs.
+    monkeypatch.setattr(_heartbeat, "STATEMENT_TIMEOUT", 0.5)
+    monkeypatch.setattr(_completer, "LINGER", WAIT_TIMEOUT)  # A's completion waits for the fetch
+    a_started, a_done, c_done = anyio.Event(), anyio.Event(), anyio.Event()
+    seen = Recorder()
+
+    @queue.task
+    async def a() -> None:
+        a_started.set()
+        await a_done.wait()
+
+    @queue.task
+    async def c() -> None:
+        await c_done.wait()
+
+    @queue.task
+    async def b() -> None:
+        seen.record("b")
+
+    async with conn.transaction():
+        job_a = await queue.enqueue(conn, a)
+        await queue.enqueue(conn, c)
+    with watching_logs() as logs:
+        async with (
+            running(Worker(queue, concurrency=2, **FAST)),
+            await pgoutbox.connect(queue.conninfo) as locker,
+        ):
+            with anyio.fail_after(WAIT_TIMEOUT):
+                await a_started.wait()
+            async with conn.transaction():
+                await queue.enqueue(conn, b)
+            # A's completion leaves with the fetch that claims b, and waits for this lock.
+            await locker.execute(
+                sql.SQL("SELECT 1 FROM {} WHERE id = %s FOR UPDATE").format(
+                    sql.Identifier(queue.schema, "jobs")
+                ),
+                [job_a.id],
+            )
+            a_done.set()
+            await logs.wait_for_event("worker.lost_fetch_running")
+            await locker.rollback()
+            assert await seen.wait_for(1) == ["b"]
+            c_done.set()
+    assert (await _job(queue, job_a.id)).state is JobState.COMPLETED
 
 
 async def test_claim_whose_reply_was_lost_is_given_back(
