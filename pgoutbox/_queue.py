@@ -9,6 +9,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
 from typing import Any, Final, ParamSpec, Protocol, Self, TypeVar, overload
 
+import msgspec
 import psycopg
 
 from . import _store
@@ -22,6 +23,7 @@ from ._task import (
     RetryPolicy,
     Task,
     TaskRef,
+    check_specs,
 )
 from .errors import ConfigurationError, PayloadError, SchemaError, TaskNotFoundError
 from .instrumentation import Instrumentation, combine
@@ -291,9 +293,15 @@ class Queue:
         if self._capture is not None:
             return [self._capture(spec) for spec in batch]
         _check_connection(conn, sync=False)
-        rows = await _store.job_insert_many(
-            conn, self.statements, batch, channel=self.channel if self.notify else None
-        )
+        try:
+            rows = await _store.job_insert_many(
+                conn, self.statements, batch, channel=self.channel if self.notify else None
+            )
+        except psycopg.DataError as ex:
+            bad = _bad_args(batch)
+            if bad is None:
+                raise
+            raise bad from ex
         return _jobs(rows, batch)
 
     @overload
@@ -355,9 +363,15 @@ class Queue:
         if self._capture is not None:
             return [self._capture(spec) for spec in batch]
         _check_connection(conn, sync=True)
-        rows = _store.job_insert_many_sync(
-            conn, self.statements, batch, channel=self.channel if self.notify else None
-        )
+        try:
+            rows = _store.job_insert_many_sync(
+                conn, self.statements, batch, channel=self.channel if self.notify else None
+            )
+        except psycopg.DataError as ex:
+            bad = _bad_args(batch)
+            if bad is None:
+                raise
+            raise bad from ex
         return _jobs(rows, batch)
 
     def _channel_for(self, spec: JobSpec) -> str | None:
@@ -366,11 +380,7 @@ class Queue:
 
     def _check_specs(self, specs: Iterable[JobSpec]) -> list[JobSpec]:
         batch = list(specs)
-        for spec in batch:
-            if not isinstance(spec, JobSpec):
-                raise ConfigurationError(
-                    f"enqueue_many takes JobSpec items (from Task.bind), got {spec!r}"
-                )
+        check_specs(batch)
         return batch
 
     def _bind(
@@ -506,6 +516,22 @@ class Queue:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+_object_decoder = msgspec.json.Decoder(dict[str, Any])
+
+
+def _bad_args(batch: list[JobSpec]) -> PayloadError | None:
+    """After PostgreSQL refused a batch: the error naming the first spec whose args
+    are not one JSON object, or None if they all are (the refusal was something else)."""
+    for n, spec in enumerate(batch):
+        try:
+            _object_decoder.decode(spec.args)
+        except msgspec.DecodeError:
+            return PayloadError(
+                spec.task, f"the args of JobSpec number {n} in the batch are not one JSON object"
+            )
+    return None
 
 
 def _check_connection(conn: object, *, sync: bool) -> None:

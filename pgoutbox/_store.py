@@ -241,6 +241,7 @@ def _job_insert_many_query(
                 "delay": float(first.delay),
                 "headers": _headers_json(first),
                 "args": "[" + ",".join([s.args for s in specs]) + "]",
+                "count": len(specs),
                 "channel": channel or "",
                 "notify": due and channel is not None,
             },

@@ -389,6 +389,65 @@ class TaskRef(msgspec.Struct, frozen=True, kw_only=True):
         )
 
 
+def check_specs(specs: list[JobSpec]) -> None:
+    """Raise unless each of `specs` is one that `Task.bind` or `TaskRef.bind` could
+    have made. A spec with the same options as the one before it (the usual
+    batch) has only its args and headers checked.
+
+    Raises:
+        ConfigurationError: an item is not a `JobSpec`; or a name, the
+            priority, max_attempts, the delay, run_at or the headers are not valid.
+        PayloadError: the args are not the text of one JSON object.
+    """
+    last: JobSpec | None = None
+    for spec in specs:
+        if not isinstance(spec, JobSpec):
+            raise ConfigurationError(
+                f"enqueue_many takes JobSpec items (from Task.bind), got {spec!r}"
+            )
+        if not (
+            last is not None
+            and spec.task is last.task
+            and spec.queue is last.queue
+            and spec.priority is last.priority
+            and spec.max_attempts is last.max_attempts
+            and spec.delay is last.delay
+            and spec.run_at is last.run_at
+        ):
+            _check_options(spec)
+        if spec.headers is not None:
+            _check_headers(spec)
+        args = spec.args
+        if not isinstance(args, str) or args[:1] != "{" or args[-1:] != "}":
+            raise PayloadError(
+                spec.task, "the args of a JobSpec must be the text of one JSON object"
+            )
+        last = spec
+
+
+def _check_options(spec: JobSpec) -> None:
+    validate_name("task", spec.task)
+    validate_name("queue", spec.queue)
+    validate_priority(spec.priority)
+    _validate_max_attempts(spec.max_attempts)
+    _validate_delay(spec.task, spec.delay)
+    _validate_run_at(spec.task, spec.run_at)
+
+
+def _check_headers(spec: JobSpec) -> None:
+    if not (
+        isinstance(spec.headers, dict)
+        and all(
+            isinstance(k, str) and isinstance(v, str) and "\x00" not in k + v
+            for k, v in spec.headers.items()
+        )
+    ):
+        raise ConfigurationError(
+            f"task {spec.task!r}: headers must map strings without NUL characters to such "
+            f"strings, got {spec.headers!r}"
+        )
+
+
 def _validate_max_attempts(value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_INT32:
         raise ConfigurationError(

@@ -14,7 +14,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 import pgoutbox
-from pgoutbox import PayloadError, Queue, TaskRef
+from pgoutbox import ConfigurationError, PayloadError, Queue, TaskRef
 
 from ._running import count_jobs
 
@@ -350,6 +350,57 @@ async def test_enqueue_many_rolls_back_with_the_transaction(
 
     with pytest.raises(RuntimeError, match="abort"):
         await enqueue_then_abort()
+    assert await count_jobs(queue) == 0
+
+
+_SPEC = {"task": "made.by.hand", "queue": "default", "priority": 0, "max_attempts": 3}
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "match"),
+    [
+        ({"queue": "bad queue!"}, ConfigurationError, "queue name"),
+        ({"task": ""}, ConfigurationError, "task name"),
+        ({"priority": 40_000}, ConfigurationError, "priority"),
+        ({"max_attempts": 0}, ConfigurationError, "max_attempts"),
+        ({"delay": float("nan")}, ConfigurationError, "delay"),
+        ({"run_at": datetime(2030, 1, 1)}, ConfigurationError, "timezone-aware"),  # noqa: DTZ001
+        ({"headers": {"trace": "a\x00b"}}, ConfigurationError, "headers"),
+        ({"args": "[1, 2]"}, PayloadError, "one JSON object"),
+        ({"args": "{not json}"}, PayloadError, "one JSON object"),
+    ],
+)
+async def test_enqueue_many_checks_a_hand_made_job_spec_and_writes_nothing(
+    queue: Queue,
+    conn: pgoutbox.Connection[Any],
+    changes: dict[str, Any],
+    error: type[Exception],
+    match: str,
+) -> None:
+    fine = pgoutbox.JobSpec(args='{"n": 1}', **_SPEC)
+    bad = msgspec.structs.replace(fine, **changes)
+    await conn.set_autocommit(True)
+    with pytest.raises(error, match=match):
+        await queue.enqueue_many(conn, [fine, bad])
+    assert await count_jobs(queue) == 0
+
+
+async def test_enqueue_many_refuses_args_that_hold_two_objects_and_writes_nothing(
+    queue: Queue, conn: pgoutbox.Connection[Any], database_dsn: str
+) -> None:
+    # Joined into the one array of a batch of one task, they would make two rows.
+    specs = [
+        pgoutbox.JobSpec(args='{"n": 1},{"n": 2}', **_SPEC),
+        pgoutbox.JobSpec(args='{"n": 3}', **_SPEC),
+    ]
+    await conn.set_autocommit(True)
+    listener = await _listen(database_dsn, queue.channel)
+    try:
+        with pytest.raises(PayloadError, match="one JSON object"):
+            await queue.enqueue_many(conn, specs)
+        assert await _notifications(listener, 0.3) == []
+    finally:
+        await listener.close()
     assert await count_jobs(queue) == 0
 
 
