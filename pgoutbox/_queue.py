@@ -25,7 +25,13 @@ from ._task import (
     TaskRef,
     check_specs,
 )
-from .errors import ConfigurationError, PayloadError, SchemaError, TaskNotFoundError
+from .errors import (
+    ConfigurationError,
+    PayloadError,
+    PgoutboxError,
+    SchemaError,
+    TaskNotFoundError,
+)
 from .instrumentation import Instrumentation, combine
 
 __all__ = ["CANCEL_PAYLOAD", "DEFAULT_SCHEMA", "DSN_ENV", "ConnectionSource", "Queue"]
@@ -108,6 +114,7 @@ class Queue:
         self.notify = notify
         # Set by pgoutbox.testing.capture(): enqueue records jobs in memory instead.
         self._capture: Callable[[JobSpec], Job] | None = None
+        self._capture_cancel: Callable[[Sequence[int]], CancelResult] | None = None
 
     def __repr__(self) -> str:
         return f"<Queue schema={self.schema!r} tasks={len(self._tasks)}>"
@@ -412,6 +419,8 @@ class Queue:
         for job_id in job_ids:
             if isinstance(job_id, bool) or not isinstance(job_id, int):
                 raise ConfigurationError(f"job ids are integers, got {job_id!r}")
+        if self._capture_cancel is not None:
+            return self._capture_cancel(job_ids)
         st = self.statements
         cancelled = await _store.job_cancel_waiting(conn, st, job_ids=job_ids)
         done = set(cancelled)
@@ -501,7 +510,17 @@ class Queue:
             return await _store.status(conn, self.statements)
 
     async def get_job(self, job_id: int) -> JobRecord | None:
-        """The job with this id as stored now, or None if there is none."""
+        """The job with this id as stored now, or None if there is none.
+
+        Raises:
+            PgoutboxError: the queue is being captured (`pgoutbox.testing.capture`),
+                whose job ids are not those of the database.
+        """
+        if self._capture is not None:
+            raise PgoutboxError(
+                f"{self!r} is being captured: its jobs are in memory, with ids of their own; "
+                "read them from the capture (jobs.enqueued())"
+            )
         async with self.connection() as conn:
             return await _store.job_get(conn, self.statements, job_id)
 

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import secrets
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import anyio
@@ -36,7 +36,7 @@ from psycopg import sql
 
 from . import _store
 from ._context import JobContext
-from ._job import ClaimedJob, Job, JobError, JobSpec, JobState, Outcome
+from ._job import CancelResult, ClaimedJob, Job, JobError, JobSpec, JobState, Outcome
 from ._queue import Queue
 from ._task import Task, TaskRef
 from .errors import PgoutboxError
@@ -72,6 +72,8 @@ class CapturedJob:
         self.max_attempts = spec.max_attempts
         self.errors: list[JobError] = []
         self.created_at = datetime.now(UTC)
+        self.run_at = spec.run_at or self.created_at + timedelta(seconds=spec.delay)
+        """When the job is due (the same as `created_at` for a job due at once)."""
 
     def __repr__(self) -> str:
         return f"<CapturedJob {self.id} {self.spec.task!r} {self.state.value}>"
@@ -100,7 +102,16 @@ class Capture:
     def _record(self, spec: JobSpec) -> Job:
         job = CapturedJob(len(self.jobs) + 1, spec)
         self.jobs.append(job)
-        return Job(id=job.id, task=spec.task, queue=spec.queue, run_at=job.created_at)
+        return Job(id=job.id, task=spec.task, queue=spec.queue, run_at=job.run_at)
+
+    def _cancel(self, job_ids: Sequence[int]) -> CancelResult:
+        """`Queue.cancel` while capturing: waiting captured jobs become cancelled."""
+        wanted = set(job_ids)
+        cancelled = [job.id for job in self.jobs if job.id in wanted and job.state in _WAITING]
+        for job in self.jobs:
+            if job.id in cancelled:
+                job.state = JobState.CANCELLED
+        return CancelResult(cancelled=tuple(cancelled), requested=())
 
     def enqueued(self, task: Task[Any, Any] | TaskRef | str | None = None) -> list[CapturedJob]:
         """The captured jobs, all or those of one task."""
@@ -173,6 +184,9 @@ class Capture:
             priority=job.spec.priority,
             attempt=job.attempt,
             max_attempts=job.max_attempts,
+            headers=None
+            if not job.spec.headers
+            else msgspec.json.encode(job.spec.headers).decode(),
         )
         task = self._queue.get_task(job.task)
         outcome = await execute(
@@ -196,16 +210,21 @@ def capture(queue: Queue) -> Iterator[Capture]:
     """Record the jobs `queue` enqueues in memory for the block, instead of writing them.
 
     While active, `Queue.enqueue` and its siblings validate arguments as usual
-    but ignore the connection and write nothing.
+    but ignore the connection and write nothing; `Queue.cancel` cancels
+    captured jobs, and `Queue.get_job` raises, as captured ids are not those
+    of the database. A captured job stays captured even if the transaction it
+    was enqueued in rolls back.
     """
     if queue._capture is not None:
         raise PgoutboxError(f"{queue!r} is already being captured")
     recorder = Capture(queue)
     queue._capture = recorder._record
+    queue._capture_cancel = recorder._cancel
     try:
         yield recorder
     finally:
         queue._capture = None
+        queue._capture_cancel = None
 
 
 @asynccontextmanager
@@ -216,8 +235,13 @@ async def isolated(queue: Queue, *, conninfo: str | None = None) -> AsyncIterato
         queue: the application's queue.
         conninfo: the test database; defaults to the queue's.
     """
-    copy = Queue(conninfo or queue.conninfo, schema=f"pgoutbox_test_{secrets.token_hex(6)}")
+    copy = Queue(
+        conninfo or queue.conninfo,
+        schema=f"pgoutbox_test_{secrets.token_hex(6)}",
+        notify=queue.notify,
+    )
     copy._tasks = dict(queue._tasks)
+    copy.instrumentation = queue.instrumentation
     await copy.migrate()
     try:
         yield copy

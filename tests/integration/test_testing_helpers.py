@@ -15,7 +15,7 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_isolated_copy_runs_tasks_and_is_dropped(database_dsn: str) -> None:
-    app_queue = Queue(database_dsn, schema="app_never_migrated")
+    app_queue = Queue(database_dsn, schema="app_never_migrated", notify=False)
     done: list[int] = []
 
     @app_queue.task
@@ -25,6 +25,7 @@ async def test_isolated_copy_runs_tasks_and_is_dropped(database_dsn: str) -> Non
     async with isolated(app_queue) as queue, await pgoutbox.connect(database_dsn) as conn:
         assert queue.schema != app_queue.schema
         assert queue.tasks == app_queue.tasks
+        assert queue.notify is False
         async with conn.transaction():
             await queue.enqueue_many(conn, [work.bind(i) for i in range(3)])
         await drain(queue)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pytest
 
 import pgoutbox
@@ -102,3 +103,44 @@ async def test_capture_refuses_job_transactions_and_endless_loops() -> None:
         await queue.enqueue(NO_CONNECTION, forever)
         with pytest.raises(pgoutbox.PgoutboxError, match="still waiting"):
             await jobs.run_all(max_rounds=5)
+
+
+async def test_capture_keeps_cancel_and_get_job_away_from_the_database() -> None:
+    # Captured ids start at 1, like real ones: a cancel or a lookup by such an
+    # id must not reach the database, where it would be another job.
+    queue = _queue()
+
+    @queue.task
+    async def send(i: int) -> None: ...
+
+    with capture(queue) as jobs:
+        first = await queue.enqueue(NO_CONNECTION, send, 1)
+        await queue.enqueue(NO_CONNECTION, send, 2)
+        result = await queue.cancel(NO_CONNECTION, first.id, 99)
+        with pytest.raises(pgoutbox.PgoutboxError, match="captured"):
+            await queue.get_job(first.id)
+        await jobs.run_all()
+    assert result == pgoutbox.CancelResult(cancelled=(first.id,), requested=())
+    assert jobs.states() == {"cancelled": 1, "completed": 1}
+
+
+async def test_capture_gives_delayed_jobs_their_due_time_and_handlers_their_headers() -> None:
+    queue = _queue()
+    seen: list[dict[str, str]] = []
+
+    @queue.task
+    async def send(i: int) -> None:
+        seen.append(current_job().headers)
+
+    spec = send.options(delay=3600).bind(1)
+    with capture(queue) as jobs:
+        job = await queue.enqueue(NO_CONNECTION, send.options(delay=3600), 1)
+        await queue.enqueue_many(
+            NO_CONNECTION,
+            [pgoutbox.JobSpec(**{**msgspec.structs.asdict(spec), "headers": {"k": "v"}})],
+        )
+        await jobs.run_all()
+    captured = jobs.enqueued()[0]
+    assert job.run_at == captured.run_at
+    assert (captured.run_at - captured.created_at).total_seconds() == 3600
+    assert seen == [{}, {"k": "v"}]
