@@ -17,6 +17,7 @@ import anyio
 from psycopg import pq
 
 from ._connection import EXIT_TIMEOUT, Connection
+from .errors import ConfigurationError
 
 __all__ = ["DEFAULT_MAX_LIFETIME", "DEFAULT_MAX_SIZE", "Pool"]
 
@@ -50,6 +51,10 @@ class Pool:
         max_lifetime: float = DEFAULT_MAX_LIFETIME,
         **kwargs: Any,
     ) -> None:
+        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
+            raise ConfigurationError(f"max_size must be an integer >= 1, got {max_size!r}")
+        if not max_lifetime > 0:
+            raise ConfigurationError(f"max_lifetime must be > 0 seconds, got {max_lifetime!r}")
         self.conninfo = conninfo
         self.max_size = max_size
         self.max_lifetime = max_lifetime

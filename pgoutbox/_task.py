@@ -218,7 +218,7 @@ class Task(Generic[P, R]):
             self._positional
         )
 
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R]:
+    def __call__(self, /, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R]:
         """Call the handler directly, as if it were not a task."""
         return self.fn(*args, **kwargs)
 
@@ -256,7 +256,7 @@ class Task(Generic[P, R]):
             args_type=self._args_type,
         )
 
-    def bind(self, *args: P.args, **kwargs: P.kwargs) -> JobSpec:
+    def bind(self, /, *args: P.args, **kwargs: P.kwargs) -> JobSpec:
         """Validate arguments for this task and make a `JobSpec` of them (for `enqueue_many`).
 
         Raises:
@@ -371,7 +371,7 @@ class TaskRef(msgspec.Struct, frozen=True, kw_only=True):
         _validate_delay(self.name, self.delay)
         _validate_run_at(self.name, self.run_at)
 
-    def bind(self, **kwargs: Any) -> JobSpec:
+    def bind(self, /, **kwargs: Any) -> JobSpec:
         """Encode keyword arguments as JSON and make a `JobSpec` (checked by the worker).
 
         Raises:

@@ -18,7 +18,7 @@ from .._connection import Connection
 from .._context import JobContext
 from .._job import ClaimedJob
 from .._queue import Queue
-from .._task import Task, validate_name
+from .._task import MAX_DELAY, Task, check_seconds, seconds_in_range, validate_name
 from ..errors import ConfigurationError
 from ._completer import Completer
 from ._executor import cancelled, execute, interrupted
@@ -170,14 +170,17 @@ class Worker:
             ("heartbeat_interval", heartbeat_interval),
             ("maintenance_interval", maintenance_interval),
         ):
-            if not value > 0:
-                raise ConfigurationError(f"{option} must be > 0 seconds, got {value!r}")
+            if not seconds_in_range(value) or not value > 0:
+                raise ConfigurationError(
+                    f"{option} must be a number of seconds above 0 (at most {MAX_DELAY:.0f}), "
+                    f"got {value!r}"
+                )
         for option, value in (
             ("completed_retention", completed_retention),
             ("failed_retention", failed_retention),
         ):
-            if not value >= 0:
-                raise ConfigurationError(f"{option} must be >= 0 seconds, got {value!r}")
+            # At most a century: to keep finished jobs for good, that is long enough.
+            check_seconds(option, value)
         if (
             isinstance(vacuum_threshold, bool)
             or not isinstance(vacuum_threshold, int)
@@ -193,6 +196,11 @@ class Worker:
             )
         if not queue.tasks:
             raise ConfigurationError(f"{queue!r} has no registered tasks: nothing to run")
+        if isinstance(queues, str):
+            raise ConfigurationError(
+                f"queues must be a list of queue names, got the string {queues!r}; "
+                f"write [{queues!r}]"
+            )
         self.queue = queue
         self.concurrency = concurrency
         self.queues = sorted(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 
+import pytest
+
 import pgoutbox
 import pgoutbox.errors
 import pgoutbox.worker
@@ -44,3 +46,45 @@ def test_api_every_public_symbol_has_a_docstring() -> None:
 def test_api_errors_share_one_root() -> None:
     for name in pgoutbox.errors.__all__:
         assert issubclass(getattr(pgoutbox.errors, name), pgoutbox.PgoutboxError)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"queues": "emails"}, "list of queue names"),
+        ({"poll_interval": float("nan")}, "poll_interval"),
+        ({"shutdown_timeout": float("inf")}, "shutdown_timeout"),
+        ({"heartbeat_interval": "1"}, "heartbeat_interval"),
+        ({"completed_retention": float("inf")}, "completed_retention"),
+        ({"failed_retention": -1}, "failed_retention"),
+    ],
+)
+def test_worker_refuses_options_it_could_not_use(options: dict[str, object], match: str) -> None:
+    # A string of queues was read as one queue per letter; an infinite or NaN
+    # number of seconds fails later, in SQL or in a sleep.
+    queue = pgoutbox.Queue("", schema="unit")
+
+    @queue.task
+    async def work() -> None: ...
+
+    with pytest.raises(pgoutbox.ConfigurationError, match=match):
+        pgoutbox.Worker(queue, **options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("options", "match"), [({"max_size": 0}, "max_size"), ({"max_lifetime": 0}, "max_lifetime")]
+)
+def test_pool_refuses_a_size_no_borrower_could_use(options: dict[str, float], match: str) -> None:
+    with pytest.raises(pgoutbox.ConfigurationError, match=match):
+        pgoutbox.Pool("", **options)  # type: ignore[arg-type]
+
+
+def test_a_handler_parameter_named_self_binds_like_any_other() -> None:
+    queue = pgoutbox.Queue("", schema="unit")
+
+    @queue.task
+    async def method_like(self: int) -> None: ...
+
+    assert method_like.bind(self=1).args == '{"self":1}'
+    assert method_like.bind(2).args == '{"self":2}'
+    assert pgoutbox.TaskRef(name="remote").bind(self=3).args == '{"self":3}'
