@@ -77,7 +77,7 @@ class Queue:
         notify: send a NOTIFY with each enqueue so idle workers start the job
             within milliseconds. A transaction that notifies takes a
             cluster-wide lock at commit, which limits concurrent enqueue
-            throughput (about 0.6x measured with 16 producers); with False,
+            throughput (about half, measured with 16 producers); with False,
             workers find jobs by polling (``poll_interval``) instead.
 
     Raises:
