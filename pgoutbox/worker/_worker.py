@@ -439,9 +439,15 @@ class Worker:
             if outcome is not None and not self._is_newest(job):
                 outcome = None
             if outcome is not None and not self._completer.put_nowait(outcome):
-                # The completer is behind: wait (backpressure).
-                with anyio.move_on_after(CLEANUP_TIMEOUT, shield=True):
+                # The completer is behind: wait (backpressure), shielded so that
+                # a stopping worker keeps the outcome, and bounded so that it
+                # can stop; then queue it all the same. Dropped, it would leave
+                # the job running under this live worker. Each executor holds
+                # one outcome at most, so this overflow is bounded.
+                with anyio.move_on_after(CLEANUP_TIMEOUT, shield=True) as waited:
                     await self._completer.put(outcome)
+                if waited.cancelled_caught:
+                    self._completer.put_anyway(outcome)
         finally:
             del self._cancel_scopes[key]
             if self._newest_claim.get(job.id, _NO_RUN) == job.claim_id:

@@ -25,6 +25,7 @@ from pgoutbox import (
 )
 from pgoutbox._job import ClaimedJob, Outcome
 from pgoutbox.worker import _completer, _heartbeat, _listener, _producer
+from pgoutbox.worker import _worker as _worker_module
 from pgoutbox.worker._heartbeat import Heartbeat
 from pgoutbox.worker._vacuum import Vacuumer
 from pgoutbox.worker._wakeup import Wakeup
@@ -1044,3 +1045,27 @@ async def test_claim_whose_reply_was_lost_is_given_back(
             await logs.wait_for_event("worker.claim_released")
     assert lost == [job.id]
     assert (await _job(queue, job.id)).state is JobState.COMPLETED
+
+
+async def test_an_outcome_the_completer_cannot_take_in_time_is_still_written(
+    queue: Queue, conn: pgoutbox.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After waiting out the backpressure bound, the outcome was dropped: the
+    # job stayed running under a live worker, and went back to the queue when
+    # the worker stopped, to run again.
+    monkeypatch.setattr(_worker_module, "CLEANUP_TIMEOUT", 0.05)
+    seen = Recorder()
+
+    @queue.task
+    async def work(i: int) -> None:
+        seen.record(i)
+
+    worker = Worker(queue, **FAST)
+    monkeypatch.setattr(worker._completer, "put_nowait", lambda _outcome: False)
+    monkeypatch.setattr(worker._completer, "put", lambda _outcome: anyio.sleep_forever())
+    async with running(worker):
+        async with conn.transaction():
+            job = await queue.enqueue(conn, work, 1)
+        await seen.wait_for(1)
+    record = await _job(queue, job.id)
+    assert (record.state, record.attempt) == (JobState.COMPLETED, 1)
