@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             anyio.run(partial(_status, queue, as_json=args.json), backend=args.backend)
         else:
             anyio.run(_migrate, queue, backend=args.backend)
-    except (PgoutboxError, psycopg.OperationalError) as ex:
+    except (PgoutboxError, psycopg.Error) as ex:
         print(f"error: {ex}", file=sys.stderr)  # noqa: T201 (CLI output)
         return 2
     return 0

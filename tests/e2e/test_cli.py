@@ -277,3 +277,21 @@ def test_cli_status_prints_queues(app: tuple[Path, str, str], database_dsn: str)
     assert lines[2].split()[:3] == ["queue", "scheduled", "available"]
     assert lines[3].split()[:3] == ["default", "0", "1"]
     assert "workers: 0" in result.stdout
+
+
+def test_cli_migrate_as_a_role_without_the_privilege_exits_with_message(
+    database_dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pgoutbox.__main__ import main  # noqa: PLC0415 (the module runs the CLI)
+
+    role = f"pgoutbox_test_{secrets.token_hex(6)}"
+    with psycopg.connect(database_dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        try:
+            dsn = psycopg.conninfo.make_conninfo(database_dsn, user=role)
+            assert main(["migrate", "--dsn", dsn, "--schema", "not_allowed"]) == 2
+        finally:
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+    error = capsys.readouterr().err
+    assert error.startswith("error: ")
+    assert "permission denied" in error
