@@ -440,6 +440,9 @@ class Queue:
     async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """Borrow a connection from the queue's pool (autocommit) for the block.
 
+        From a pool passed as ``Queue(pool=...)`` the connection is as that pool
+        makes it: make its connections autocommit too, or open a transaction.
+
         Handy for scripts: ``async with queue.connection() as conn,
         conn.transaction(): await queue.enqueue(conn, ...)``.
         """
