@@ -167,11 +167,11 @@ def _job_insert_query(
         "priority": spec.priority,
         "max_attempts": spec.max_attempts,
         "headers": _headers_json(spec),
+        "run_at": spec.run_at,
     }
     if channel is not None:
         params["channel"] = channel
         return st.job_insert_notify, params
-    params["run_at"] = spec.run_at
     params["delay"] = float(spec.delay)
     params["state"] = "available" if spec.due_now() else "scheduled"
     return st.job_insert, params

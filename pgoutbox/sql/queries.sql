@@ -40,11 +40,12 @@ VALUES (
 RETURNING id, run_at
 
 -- name: job_insert_notify
+-- A job due at once (a run_at already past is kept: it orders the job).
 WITH job AS (
-    INSERT INTO {schema}.jobs (queue, task, args, priority, state, max_attempts, headers)
+    INSERT INTO {schema}.jobs (queue, task, args, priority, state, max_attempts, run_at, headers)
     VALUES (
         %(queue)s, %(task)s, %(args)s::jsonb, %(priority)s, 'available', %(max_attempts)s,
-        %(headers)s::jsonb
+        coalesce(%(run_at)s::timestamptz, now()), %(headers)s::jsonb
     )
     RETURNING id, run_at
 )

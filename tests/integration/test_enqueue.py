@@ -315,6 +315,30 @@ async def test_enqueue_many_of_one_task_and_options_writes_what_each_enqueue_wou
     assert await count_jobs(queue, 'headers = \'{"t": "1"}\'') == 3
 
 
+@pytest.mark.parametrize("notify", [True, False], ids=["notify", "no-notify"])
+async def test_a_run_at_already_past_is_kept_as_given(
+    queue: Queue, conn: pgoutbox.Connection[Any], notify: bool
+) -> None:
+    # It orders the job among those waiting; with a NOTIFY it was stored as now().
+    producer = Queue(queue.conninfo, schema=queue.schema, notify=notify)
+
+    @producer.task
+    async def send(to: str) -> None: ...
+
+    past = datetime(2020, 1, 1, tzinfo=UTC)
+    async with conn.transaction():
+        job = await producer.enqueue(conn, send.options(run_at=past), "a")
+        [many] = await producer.enqueue_many(conn, [send.options(run_at=past).bind("b")])
+    for handle in (job, many):
+        record = await queue.get_job(handle.id)
+        assert record is not None
+        assert (handle.run_at, record.run_at, record.state) == (
+            past,
+            past,
+            pgoutbox.JobState.AVAILABLE,
+        )
+
+
 async def test_enqueue_many_keeps_run_ats_that_differ_only_in_fold_apart(
     queue: Queue, conn: pgoutbox.Connection[Any]
 ) -> None:
