@@ -258,6 +258,7 @@ class Queue:
 
         Raises:
             PayloadError: the arguments do not fit the task; nothing is written.
+            ConfigurationError: `conn` is not a `psycopg.AsyncConnection`.
         """
         spec = self._bind(task, args, kwargs)
         if self.instrumentation is None:
@@ -285,6 +286,13 @@ class Queue:
 
         Returns:
             The jobs, in the order of `specs`.
+
+        Raises:
+            ConfigurationError: an item is not a `JobSpec`, a hand-made spec has
+                an invalid option, or `conn` is not a `psycopg.AsyncConnection`;
+                nothing is written.
+            PayloadError: a hand-made spec's args are not the text of one JSON
+                object; nothing is written.
         """
         batch = self._check_specs(specs)
         if not batch:

@@ -107,8 +107,8 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
 
     def interval(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number `attempt` (1-based)."""
-        try:
-            grown = self.initial_interval * self.multiplier ** (attempt - 1)
+        try:  # in floats: an int multiplier would grow an exact, ever larger int
+            grown = float(self.initial_interval) * float(self.multiplier) ** (attempt - 1)
         except OverflowError:  # a float past its range, or an int too large for one
             grown = self.max_interval
         base = min(self.max_interval, grown)
@@ -418,11 +418,24 @@ def check_specs(specs: list[JobSpec]) -> None:
         if spec.headers is not None:
             _check_headers(spec)
         args = spec.args
-        if not isinstance(args, str) or args[:1] != "{" or args[-1:] != "}":
+        if not isinstance(args, str) or args[:1] != "{" or not _is_one_json_value(args):
             raise PayloadError(
                 spec.task, "the args of a JobSpec must be the text of one JSON object"
             )
         last = spec
+
+
+_raw_decoder = msgspec.json.Decoder(msgspec.Raw)
+
+
+def _is_one_json_value(text: str) -> bool:
+    """Whether `text` is one JSON value, nothing before or after it (checked, not
+    built), that jsonb can store (no NUL character)."""
+    try:
+        _raw_decoder.decode(text)
+    except msgspec.DecodeError:
+        return False
+    return not ("\\u0000" in text and _NUL_ESCAPE.search(text))
 
 
 def _check_options(spec: JobSpec) -> None:
@@ -526,7 +539,7 @@ def encode_payload(task: str, value: object, *, floats: bool = True) -> str:
     return text
 
 
-_SCALARS: Final = (str, int, bytes, type(None))
+_SCALARS: Final = (str, int, bytes, type(None), msgspec.Raw, msgspec.UnsetType)
 _MAY_BE_FLOAT: Final = (
     msgspec.inspect.FloatType,
     msgspec.inspect.AnyType,
@@ -570,7 +583,10 @@ def _has_non_finite(value: object) -> bool:
         elif isinstance(item, list | tuple | set | frozenset):
             pending.extend(item)
         else:  # a dataclass, datetime, enum...: as msgspec sees it
-            builtin = msgspec.to_builtins(item)
+            try:
+                builtin = msgspec.to_builtins(item)
+            except TypeError:  # a value only msgspec's encoder takes as it is
+                continue
             if isinstance(builtin, float | dict | list):
                 pending.append(builtin)
     return False

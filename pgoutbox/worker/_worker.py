@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import uuid
@@ -109,7 +110,8 @@ class Worker:
             registered task uses.
         poll_interval: seconds between fetches when no notification arrives.
         shutdown_timeout: seconds running jobs get after `stop` before they are
-            cancelled and returned to the queue.
+            cancelled and returned to the queue (`math.inf`: never, until a
+            second stop).
         probe_interval: seconds between checks that the LISTEN connection
             still answers.
         heartbeat_interval: seconds between heartbeats (and checks for
@@ -165,7 +167,6 @@ class Worker:
             raise ConfigurationError(f"concurrency must be an integer >= 1, got {concurrency!r}")
         for option, value in (
             ("poll_interval", poll_interval),
-            ("shutdown_timeout", shutdown_timeout),
             ("probe_interval", probe_interval),
             ("heartbeat_interval", heartbeat_interval),
             ("maintenance_interval", maintenance_interval),
@@ -175,6 +176,14 @@ class Worker:
                     f"{option} must be a number of seconds above 0 (at most {MAX_DELAY:.0f}), "
                     f"got {value!r}"
                 )
+        # Infinite: running jobs are never cut short by a stop (a second signal still does).
+        if not (shutdown_timeout == math.inf or seconds_in_range(shutdown_timeout)) or not (
+            shutdown_timeout > 0
+        ):
+            raise ConfigurationError(
+                f"shutdown_timeout must be a number of seconds above 0, or math.inf, "
+                f"got {shutdown_timeout!r}"
+            )
         for option, value in (
             ("completed_retention", completed_retention),
             ("failed_retention", failed_retention),

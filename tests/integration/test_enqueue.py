@@ -392,6 +392,8 @@ _SPEC = {"task": "made.by.hand", "queue": "default", "priority": 0, "max_attempt
         ({"headers": {"trace": "a\x00b"}}, ConfigurationError, "headers"),
         ({"args": "[1, 2]"}, PayloadError, "one JSON object"),
         ({"args": "{not json}"}, PayloadError, "one JSON object"),
+        ({"args": '{"a": 1},"task": "Other Name!","z": {}'}, PayloadError, "one JSON object"),
+        ({"args": '{"a": "\\u0000"}'}, PayloadError, "one JSON object"),
     ],
 )
 async def test_enqueue_many_checks_a_hand_made_job_spec_and_writes_nothing(
@@ -412,10 +414,12 @@ async def test_enqueue_many_checks_a_hand_made_job_spec_and_writes_nothing(
 async def test_enqueue_many_refuses_args_that_hold_two_objects_and_writes_nothing(
     queue: Queue, conn: pgoutbox.Connection[Any], database_dsn: str
 ) -> None:
-    # Joined into the one array of a batch of one task, they would make two rows.
+    # Joined into the one array of a batch of one task, they would make two rows,
+    # or two of them one row.
     specs = [
         pgoutbox.JobSpec(args='{"n": 1},{"n": 2}', **_SPEC),
-        pgoutbox.JobSpec(args='{"n": 3}', **_SPEC),
+        pgoutbox.JobSpec(args='{"x": [{}', **_SPEC),
+        pgoutbox.JobSpec(args="{}]}", **_SPEC),
     ]
     await conn.set_autocommit(True)
     listener = await _listen(database_dsn, queue.channel)

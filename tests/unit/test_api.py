@@ -53,7 +53,8 @@ def test_api_errors_share_one_root() -> None:
     [
         ({"queues": "emails"}, "list of queue names"),
         ({"poll_interval": float("nan")}, "poll_interval"),
-        ({"shutdown_timeout": float("inf")}, "shutdown_timeout"),
+        ({"shutdown_timeout": float("nan")}, "shutdown_timeout"),
+        ({"shutdown_timeout": 0}, "shutdown_timeout"),
         ({"heartbeat_interval": "1"}, "heartbeat_interval"),
         ({"completed_retention": float("inf")}, "completed_retention"),
         ({"failed_retention": -1}, "failed_retention"),
@@ -69,6 +70,15 @@ def test_worker_refuses_options_it_could_not_use(options: dict[str, object], mat
 
     with pytest.raises(pgoutbox.ConfigurationError, match=match):
         pgoutbox.Worker(queue, **options)  # type: ignore[arg-type]
+
+
+def test_worker_may_wait_for_running_jobs_without_limit() -> None:
+    queue = pgoutbox.Queue("", schema="unit")
+
+    @queue.task
+    async def work() -> None: ...
+
+    assert pgoutbox.Worker(queue, shutdown_timeout=float("inf")).shutdown_timeout == float("inf")
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import re
 from collections.abc import Callable
 from datetime import datetime
 
+import msgspec
 import pytest
 
 from pgoutbox import ConfigurationError, PayloadError, Queue, RetryPolicy, Task, TaskRef
@@ -329,3 +330,20 @@ def test_a_non_finite_float_is_refused_where_null_would_have_taken_its_place(
     with pytest.raises(PayloadError, match="NaN or infinite"):
         TaskRef(name="elsewhere").bind(x=[value])
     assert optional.bind(None).args == '{"x":null}'
+
+
+def test_the_search_for_nan_passes_over_values_only_msgspec_encodes() -> None:
+    # msgspec.to_builtins refuses UNSET and Raw, which the encoder takes as they are.
+    queue = Queue("", schema="unit")
+
+    @queue.task
+    async def raw(blob: msgspec.Raw, ratio: float) -> None: ...
+
+    @queue.task
+    async def unset(
+        opt: int | msgspec.UnsetType = msgspec.UNSET, ratio: float = 1.0, note: str | None = None
+    ) -> None: ...
+
+    assert raw.bind(msgspec.Raw(b'{"x":null}'), 1.0).args == '{"blob":{"x":null},"ratio":1.0}'
+    assert unset.bind().args == '{"ratio":1.0,"note":null}'
+    assert TaskRef(name="elsewhere").bind(blob=msgspec.Raw(b"null")).args == '{"blob":null}'
