@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgspec
 import psycopg
@@ -411,26 +411,18 @@ async def job_release_claim(
     return len(await cur.fetchall())
 
 
-class Backend(NamedTuple):
-    """A connection's server process: its pid, when it started, and the client's name."""
-
-    pid: int
-    backend_start: datetime
-    application_name: str
-
-
-async def backend_identity(conn: AnyConnection, st: Statements) -> Backend:
-    """The server process of `conn`."""
-    cur = await _execute(conn, st.backend_identity)
+async def session_lock_take(conn: AnyConnection, st: Statements, *, key: int) -> bool:
+    """Lock `key` for the session of `conn`; False if another session holds it."""
+    cur = await _execute(conn, st.session_lock_take, {"key": key})
     row = await cur.fetchone()
-    assert row is not None  # noqa: S101 (a session always sees itself)
-    return Backend(row[0], row[1], row[2])
+    return bool(row and row[0])
 
 
-async def backend_end(conn: AnyConnection, st: Statements, backend: Backend) -> bool:
-    """Ask `backend` to end if it still runs (when this role may); False once it is gone."""
-    cur = await _execute(conn, st.backend_end, backend._asdict())
-    return await cur.fetchone() is not None
+async def session_lock_free(conn: AnyConnection, st: Statements, *, key: int) -> bool:
+    """Whether no session holds `key` (the one that took it has ended)."""
+    cur = await _execute(conn, st.session_lock_free, {"key": key})
+    row = await cur.fetchone()
+    return bool(row and row[0])
 
 
 async def job_set_outcome_many(

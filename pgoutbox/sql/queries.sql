@@ -153,28 +153,19 @@ SET state = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled'
 WHERE claim_id = %(claim_id)s AND worker_id = %(worker_id)s AND state = 'running'
 RETURNING id
 
--- name: backend_identity
+-- name: session_lock_take
 -- plan: per call
--- This connection's server process: its pid, and its start, which tells it
--- apart from a later process that reuses the pid, and the application name,
--- which tells it apart from another client's session once a pooler in
--- session mode has handed the process on.
-SELECT pid, backend_start, application_name
-FROM pg_stat_activity
-WHERE pid = pg_backend_pid()
+-- Hold a session advisory lock on a random key for as long as this session
+-- lives: a fetch whose reply is lost may still run in it, and the lock tells
+-- when it no longer can (see session_lock_free). False if the key is taken.
+SELECT pg_try_advisory_lock(%(key)s::int8)
 
--- name: backend_end
+-- name: session_lock_free
 -- plan: per call
--- Ask a connection's server process to end if it is still there, with
--- pg_terminate_backend when this role may (a member of the process's role).
--- A row means it was still there: a fetch whose reply was lost may still be
--- running in it, and may yet commit its claim, so the claim is given back
--- only once no row comes back.
-SELECT pg_has_role(usesysid, 'MEMBER') AND pg_terminate_backend(pid)
-FROM pg_stat_activity
-WHERE pid = %(pid)s
-  AND backend_start = %(backend_start)s
-  AND application_name = %(application_name)s
+-- Whether the session that took this key has ended (or, behind a pooler,
+-- been reset), so that nothing it ran can still commit: the lock is free.
+-- Taken for this statement only, and released at its end.
+SELECT pg_try_advisory_xact_lock(%(key)s::int8)
 
 -- name: job_set_outcome_many
 -- A job whose cancel was requested ends `cancelled` instead of waiting again

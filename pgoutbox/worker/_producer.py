@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 import anyio
@@ -26,9 +28,6 @@ logger = logging.getLogger("pgoutbox.worker")
 
 FETCH_TIMEOUT: Final = 30.0
 """Seconds a fetch may take before the connection is deemed dead."""
-
-BACKEND_END_CHECK: Final = 0.05
-"""Seconds between looks for the end of a server process whose fetch reply was lost."""
 
 FETCH_DEBOUNCE: Final = 0.005
 """Seconds a busy worker with a backlog waits for more free slots, so one fetch fills several."""
@@ -119,6 +118,17 @@ class Feed:
         return job
 
 
+@dataclass
+class _Unconfirmed:
+    """A fetch whose reply was lost."""
+
+    claim_id: str
+    session_key: int
+    """The key of the session lock its connection held."""
+    reported: bool = False
+    """Whether the worker said that it may still run."""
+
+
 class Producer:
     """Claims due jobs of the worker's queues and tasks into its free slots.
 
@@ -157,10 +167,10 @@ class Producer:
         self._poll_interval = poll_interval
         self._completer = completer
         self._keep_completed = keep_completed
-        # Fetches whose reply was lost: the claim id, and the server process
-        # that ran the fetch (it may still be running it).
-        self._unconfirmed: list[tuple[str, _store.Backend]] = []
-        self._backend: tuple[Connection[Any], _store.Backend] | None = None
+        # Fetches whose reply was lost: the claim id, and the key of the session
+        # lock that the connection they ran on held (the fetch may still run).
+        self._unconfirmed: list[_Unconfirmed] = []
+        self._session_lock: tuple[Connection[Any], int] | None = None
         self.waiting = False
         """Whether it sleeps until new work may be there (its last fetch was not full)."""
         self.fetches = 0
@@ -211,15 +221,16 @@ class Producer:
         delayed job is due (None if none; 0 if the fetch set jobs aside that no
         worker runs, and this worker's own may wait behind more of them).
 
-        A fetch whose reply is lost may still have committed: its claim id is
-        kept, and those jobs are given back (they never ran) before the next
-        fetch, so they cannot stay ``running`` under a live worker.
+        A fetch whose reply is lost may still have committed, or commit later:
+        its claim id is kept, and those jobs are given back (they never ran)
+        once the session it ran in has ended, so they cannot stay ``running``
+        under a live worker.
         """
         conn = await self._link.get()
         if self._unconfirmed and not await self._release_unconfirmed(conn):
             return None
-        backend = await self._backend_of(conn)
-        if backend is None:
+        key = await self._session_lock_of(conn)
+        if key is None:
             return None
         claim_id = str(uuid.uuid4())
         completed = self._completer.take_completions()
@@ -239,7 +250,7 @@ class Producer:
                 )
         except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as ex:
             self._completer.give_back(completed)
-            self._unconfirmed.append((claim_id, backend))
+            self._unconfirmed.append(_Unconfirmed(claim_id, key))
             await self._link.failed(conn, ex)
             return None
         except BaseException:
@@ -256,50 +267,57 @@ class Producer:
             )
         return claimed, next_due
 
-    async def _backend_of(self, conn: Connection[Any]) -> _store.Backend | None:
-        """The server process of `conn` (asked once per connection); None if that failed."""
-        if self._backend is not None and self._backend[0] is conn:
-            return self._backend[1]
+    async def _session_lock_of(self, conn: Connection[Any]) -> int | None:
+        """The key of the session lock `conn` holds, taken when first asked; None
+        if that failed (the connection is then given up)."""
+        if self._session_lock is not None and self._session_lock[0] is conn:
+            return self._session_lock[1]
         try:
             with anyio.fail_after(FETCH_TIMEOUT, shield=True):
-                backend = await _store.backend_identity(conn, self._queue.statements)
+                while True:
+                    key = secrets.randbits(64) - 2**63  # any bigint
+                    if await _store.session_lock_take(conn, self._queue.statements, key=key):
+                        break
         except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as ex:
             await self._link.failed(conn, ex)
             return None
-        self._backend = (conn, backend)
-        return backend
+        self._session_lock = (conn, key)
+        return key
 
     async def _release_unconfirmed(self, conn: Connection[Any]) -> bool:
-        """Give back the jobs of fetches whose replies were lost; False if that failed.
+        """Give back the jobs of fetches whose replies were lost, once nothing can
+        commit them any more; False if the connection failed.
 
-        The connection may have been lost on this side only: the server process
-        may still be running the fetch, and commit its claim after a release.
-        So each claim is given back only after that process has ended; it is
-        asked to end, if this role may, and otherwise awaited.
+        The connection may have been lost on this side only, and the server may
+        still be running the fetch, blocked on a lock, say: given back now, the
+        claim would find nothing, and the fetch could commit it afterwards. So
+        a claim is given back once the session lock its connection held is
+        free, which is when that session has ended. Until then it stays
+        pending, and the worker fetches on.
         """
         st = self._queue.statements
+        pending: list[_Unconfirmed] = []
+        looked = 0  # entries looked at: the rest are kept if the connection fails
         try:
             with anyio.fail_after(FETCH_TIMEOUT, shield=True):
-                while self._unconfirmed:
-                    claim_id, backend = self._unconfirmed[0]
-                    if await _store.backend_end(conn, st, backend):
-                        logger.warning(
-                            "the fetch whose reply was lost still ran on the server: its "
-                            "process was asked to end, and its claim is given back after",
-                            extra={
-                                "event": "worker.lost_fetch_running",
-                                "worker_id": self._worker_id,
-                                "pid": backend.pid,
-                            },
-                        )
-                        while True:
-                            await anyio.sleep(BACKEND_END_CHECK)
-                            if not await _store.backend_end(conn, st, backend):
-                                break
+                for lost in self._unconfirmed:
+                    looked += 1
+                    if not await _store.session_lock_free(conn, st, key=lost.session_key):
+                        pending.append(lost)
+                        if not lost.reported:
+                            lost.reported = True
+                            logger.warning(
+                                "a fetch whose reply was lost may still run on the server: "
+                                "its claim is given back once its session has ended",
+                                extra={
+                                    "event": "worker.lost_fetch_running",
+                                    "worker_id": self._worker_id,
+                                },
+                            )
+                        continue
                     released = await _store.job_release_claim(
-                        conn, st, worker_id=self._worker_id, claim_id=claim_id
+                        conn, st, worker_id=self._worker_id, claim_id=lost.claim_id
                     )
-                    self._unconfirmed.pop(0)
                     if released:
                         logger.warning(
                             "gave back %d jobs claimed by a fetch whose reply was lost",
@@ -311,6 +329,10 @@ class Producer:
                             },
                         )
         except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as ex:
+            # Keep what is pending and what was not looked at, and the one the
+            # failure interrupted (giving a claim back twice changes nothing).
+            self._unconfirmed = pending + self._unconfirmed[max(looked - 1, 0) :]
             await self._link.failed(conn, ex)
             return False
+        self._unconfirmed = pending
         return True

@@ -964,14 +964,14 @@ async def test_claimed_jobs_run_even_if_the_connection_dies_right_after_the_clai
     assert (await _job(queue, job.id)).state is JobState.COMPLETED
 
 
-async def test_a_lost_fetch_still_running_on_the_server_ends_before_its_claim_is_given_back(
+async def test_a_worker_whose_fetch_outlives_its_connection_runs_the_job_once_it_commits(
     queue: Queue, conn: pgoutbox.Connection[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The worker closes its connection while a fetch still runs on the server
-    # (here the heartbeat, whose timeout also counts its wait for the connection,
-    # behind a fetch blocked on a row lock). Given back at once, the claim would
-    # find nothing, and the fetch would commit it later: a job `running` under
-    # a live worker that no executor runs.
+    # The whole story end to end: the worker closes its connection while a fetch
+    # still runs on the server (here the heartbeat, whose timeout also counts its
+    # wait for the connection, behind a fetch blocked on a row lock); the fetch
+    # commits its claim later, and the job runs once the claim is given back.
+    # (The test below pins down the order of the two.)
     monkeypatch.setattr(_heartbeat, "STATEMENT_TIMEOUT", 0.5)
     monkeypatch.setattr(_completer, "LINGER", WAIT_TIMEOUT)  # A's completion waits for the fetch
     a_started, a_done, c_done = anyio.Event(), anyio.Event(), anyio.Event()
@@ -1015,6 +1015,46 @@ async def test_a_lost_fetch_still_running_on_the_server_ends_before_its_claim_is
             assert await seen.wait_for(1) == ["b"]
             c_done.set()
     assert (await _job(queue, job_a.id)).state is JobState.COMPLETED
+
+
+async def test_a_lost_fetch_is_given_back_only_once_its_session_has_ended(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    # The reply can be lost on the worker's side alone while the server still
+    # runs the fetch (blocked on a lock, say). Given back then, the claim would
+    # find nothing, and the fetch could commit it afterwards: a job running
+    # under a live worker that no executor runs.
+    @queue.task
+    async def work(i: int) -> None: ...
+
+    async with conn.transaction():
+        job = await queue.enqueue(conn, work, 1)
+    worker = Worker(queue, **FAST)
+    producer, st = worker._producer, queue.statements
+    key, claim = 7_000_000_000_000_000_001, str(uuid.uuid4())
+    fetch_conn = await worker._link.get()
+    try:
+        async with await pgoutbox.connect(queue.conninfo) as old:  # where the fetch ran
+            assert await _store.session_lock_take(old, st, key=key)
+            await old.execute(  # the fetch's claim, not committed yet
+                sql.SQL(
+                    "UPDATE {} SET state = 'running', attempt = attempt + 1, worker_id = %s, "
+                    "claim_id = %s WHERE id = %s"
+                ).format(sql.Identifier(queue.schema, "jobs")),
+                [worker.id, claim, job.id],
+            )
+            producer._unconfirmed = [_producer._Unconfirmed(claim, key)]
+            assert await producer._release_unconfirmed(fetch_conn)
+            assert [lost.claim_id for lost in producer._unconfirmed] == [claim]
+            await old.commit()  # the fetch commits its claim after all
+            # The session ends (as its end, or a pooler's reset, would release it).
+            await old.execute("SELECT pg_advisory_unlock_all()")
+            assert await producer._release_unconfirmed(fetch_conn)
+        assert producer._unconfirmed == []
+        record = await _job(queue, job.id)
+        assert (record.state, record.attempt) == (JobState.AVAILABLE, 0)
+    finally:
+        await worker._link.close()
 
 
 async def test_claim_whose_reply_was_lost_is_given_back(
