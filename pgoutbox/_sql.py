@@ -48,8 +48,8 @@ class Statements:
     job_insert_many_uniform: bytes
     job_claim: bytes
     job_release_claim: bytes
-    session_lock_take: bytes
-    session_lock_free: bytes
+    fetch_session_start: bytes
+    fetch_sessions_ended: bytes
     job_set_outcome_many: bytes
     job_complete_many: bytes
     job_get: bytes

@@ -411,18 +411,24 @@ async def job_release_claim(
     return len(await cur.fetchall())
 
 
-async def session_lock_take(conn: AnyConnection, st: Statements, *, key: int) -> bool:
-    """Lock `key` for the session of `conn`; False if another session holds it."""
-    cur = await _execute(conn, st.session_lock_take, {"key": key})
+async def fetch_session_start(
+    conn: AnyConnection, st: Statements, *, key: int, idle_timeout: float
+) -> bool:
+    """Lock `key` for the session of `conn` (False if another session holds it),
+    and have the server end the session within about `idle_timeout` seconds of
+    its client going away."""
+    params = {"key": key, "idle_ms": str(round(idle_timeout * 1000))}
+    cur = await _execute(conn, st.fetch_session_start, params)
     row = await cur.fetchone()
     return bool(row and row[0])
 
 
-async def session_lock_free(conn: AnyConnection, st: Statements, *, key: int) -> bool:
-    """Whether no session holds `key` (the one that took it has ended)."""
-    cur = await _execute(conn, st.session_lock_free, {"key": key})
-    row = await cur.fetchone()
-    return bool(row and row[0])
+async def fetch_sessions_ended(
+    conn: AnyConnection, st: Statements, *, keys: Sequence[int]
+) -> set[int]:
+    """Those of `keys` whose session lock is free: the sessions that took them have ended."""
+    cur = await _execute(conn, st.fetch_sessions_ended, {"keys": list(keys)})
+    return {row[0] for row in await cur.fetchall()}
 
 
 async def job_set_outcome_many(

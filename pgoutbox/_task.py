@@ -433,7 +433,7 @@ def _is_one_json_value(text: str) -> bool:
     built), that jsonb can store (no NUL character)."""
     try:
         _raw_decoder.decode(text)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return False
     return not ("\\u0000" in text and _NUL_ESCAPE.search(text))
 
@@ -583,8 +583,8 @@ def _has_non_finite(value: object) -> bool:
         elif isinstance(item, list | tuple | set | frozenset):
             pending.extend(item)
         else:  # a dataclass, datetime, enum...: as msgspec sees it
-            try:
-                builtin = msgspec.to_builtins(item)
+            try:  # Raw is kept as it is (a leaf); to_builtins would refuse it
+                builtin = msgspec.to_builtins(item, builtin_types=(msgspec.Raw,))
             except TypeError:  # a value only msgspec's encoder takes as it is
                 continue
             if isinstance(builtin, float | dict | list):

@@ -153,19 +153,32 @@ SET state = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled'
 WHERE claim_id = %(claim_id)s AND worker_id = %(worker_id)s AND state = 'running'
 RETURNING id
 
--- name: session_lock_take
+-- name: fetch_session_start
 -- plan: per call
--- Hold a session advisory lock on a random key for as long as this session
--- lives: a fetch whose reply is lost may still run in it, and the lock tells
--- when it no longer can (see session_lock_free). False if the key is taken.
-SELECT pg_try_advisory_lock(%(key)s::int8)
+-- Before a connection's first fetch. Hold a session advisory lock on a random
+-- key for as long as this session lives: a fetch whose reply is lost may still
+-- run in it, and the lock tells when it no longer can (fetch_sessions_ended).
+-- False if the key is taken. And have the server end this session soon once
+-- its client is gone, so that the lock is not held for hours: TCP keepalives
+-- (as the worker's own), and from PostgreSQL 14 on, a check for a vanished
+-- client during statements and a limit on idleness (the worker's heartbeat
+-- runs on this connection, so it is never idle for long).
+SELECT pg_try_advisory_lock(%(key)s::int8),
+       set_config('tcp_keepalives_idle', '30', false),
+       set_config('tcp_keepalives_interval', '10', false),
+       set_config('tcp_keepalives_count', '3', false),
+       CASE WHEN current_setting('server_version_num')::int >= 140000 THEN
+           set_config('client_connection_check_interval', '1000', false)
+           || set_config('idle_session_timeout', %(idle_ms)s::text, false)
+       END
 
--- name: session_lock_free
+-- name: fetch_sessions_ended
 -- plan: per call
--- Whether the session that took this key has ended (or, behind a pooler,
--- been reset), so that nothing it ran can still commit: the lock is free.
--- Taken for this statement only, and released at its end.
-SELECT pg_try_advisory_xact_lock(%(key)s::int8)
+-- Of these keys, those whose session lock is free: the session that took it
+-- has ended (or, behind a pooler in session mode, been reset, which cannot
+-- happen while it runs a statement), so nothing it ran can still commit.
+-- Each is locked for this statement only, and released at its end.
+SELECT k FROM unnest(%(keys)s::int8[]) AS k WHERE pg_try_advisory_xact_lock(k)
 
 -- name: job_set_outcome_many
 -- A job whose cancel was requested ends `cancelled` instead of waiting again

@@ -29,6 +29,9 @@ logger = logging.getLogger("pgoutbox.worker")
 FETCH_TIMEOUT: Final = 30.0
 """Seconds a fetch may take before the connection is deemed dead."""
 
+PENDING_CHECK_INTERVAL: Final = 0.5
+"""Seconds between looks at whether fetches whose replies were lost have ended."""
+
 FETCH_DEBOUNCE: Final = 0.005
 """Seconds a busy worker with a backlog waits for more free slots, so one fetch fills several."""
 
@@ -141,6 +144,10 @@ class Producer:
     and one commit, shared with the rest of its batch. On a connection error
     it drops the connection (the link backs off before reconnecting) and
     tries again.
+
+    Before a connection's first fetch it takes a session lock (see
+    `_release_unconfirmed`), and asks the server to end the session once it
+    has been idle for `session_idle_timeout` seconds, or its client is gone.
     """
 
     def __init__(
@@ -156,6 +163,7 @@ class Producer:
         poll_interval: float,
         completer: Completer,
         keep_completed: bool = True,
+        session_idle_timeout: float = 60.0,
     ) -> None:
         self._link = link
         self._queue = queue
@@ -171,6 +179,8 @@ class Producer:
         # lock that the connection they ran on held (the fetch may still run).
         self._unconfirmed: list[_Unconfirmed] = []
         self._session_lock: tuple[Connection[Any], int] | None = None
+        self._next_pending_check = 0.0
+        self._idle_timeout = session_idle_timeout
         self.waiting = False
         """Whether it sleeps until new work may be there (its last fetch was not full)."""
         self.fetches = 0
@@ -268,21 +278,31 @@ class Producer:
         return claimed, next_due
 
     async def _session_lock_of(self, conn: Connection[Any]) -> int | None:
-        """The key of the session lock `conn` holds, taken when first asked; None
-        if that failed (the connection is then given up)."""
+        """The key of the session lock `conn` holds, taken before its first fetch;
+        None if that failed (the connection is then given up)."""
         if self._session_lock is not None and self._session_lock[0] is conn:
             return self._session_lock[1]
         try:
             with anyio.fail_after(FETCH_TIMEOUT, shield=True):
                 while True:
                     key = secrets.randbits(64) - 2**63  # any bigint
-                    if await _store.session_lock_take(conn, self._queue.statements, key=key):
+                    if await _store.fetch_session_start(
+                        conn, self._queue.statements, key=key, idle_timeout=self._idle_timeout
+                    ):
                         break
         except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as ex:
             await self._link.failed(conn, ex)
             return None
         self._session_lock = (conn, key)
         return key
+
+    async def lost_fetches_left(self, conn: Connection[Any]) -> int:
+        """At shutdown: give back what can be, and count the fetches whose replies
+        were lost that may still run on the server."""
+        self._next_pending_check = 0.0
+        if self._unconfirmed:
+            await self._release_unconfirmed(conn)
+        return len(self._unconfirmed)
 
     async def _release_unconfirmed(self, conn: Connection[Any]) -> bool:
         """Give back the jobs of fetches whose replies were lost, once nothing can
@@ -292,32 +312,27 @@ class Producer:
         still be running the fetch, blocked on a lock, say: given back now, the
         claim would find nothing, and the fetch could commit it afterwards. So
         a claim is given back once the session lock its connection held is
-        free, which is when that session has ended. Until then it stays
-        pending, and the worker fetches on.
+        free, which is when that session has ended (the server ends it soon
+        after its client has gone: see `fetch_session_start`). Until then it
+        stays pending, the worker fetches on, and it looks again at most every
+        `PENDING_CHECK_INTERVAL` seconds.
         """
+        if time.monotonic() < self._next_pending_check:
+            return True
+        self._next_pending_check = time.monotonic() + PENDING_CHECK_INTERVAL
         st = self._queue.statements
-        pending: list[_Unconfirmed] = []
-        looked = 0  # entries looked at: the rest are kept if the connection fails
         try:
             with anyio.fail_after(FETCH_TIMEOUT, shield=True):
-                for lost in self._unconfirmed:
-                    looked += 1
-                    if not await _store.session_lock_free(conn, st, key=lost.session_key):
-                        pending.append(lost)
-                        if not lost.reported:
-                            lost.reported = True
-                            logger.warning(
-                                "a fetch whose reply was lost may still run on the server: "
-                                "its claim is given back once its session has ended",
-                                extra={
-                                    "event": "worker.lost_fetch_running",
-                                    "worker_id": self._worker_id,
-                                },
-                            )
-                        continue
+                ended = await _store.fetch_sessions_ended(
+                    conn, st, keys=[lost.session_key for lost in self._unconfirmed]
+                )
+                for lost in [lost for lost in self._unconfirmed if lost.session_key in ended]:
                     released = await _store.job_release_claim(
                         conn, st, worker_id=self._worker_id, claim_id=lost.claim_id
                     )
+                    # Removed once given back: if the connection fails first, it
+                    # stays (giving a claim back twice changes nothing).
+                    self._unconfirmed.remove(lost)
                     if released:
                         logger.warning(
                             "gave back %d jobs claimed by a fetch whose reply was lost",
@@ -329,10 +344,14 @@ class Producer:
                             },
                         )
         except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as ex:
-            # Keep what is pending and what was not looked at, and the one the
-            # failure interrupted (giving a claim back twice changes nothing).
-            self._unconfirmed = pending + self._unconfirmed[max(looked - 1, 0) :]
             await self._link.failed(conn, ex)
             return False
-        self._unconfirmed = pending
+        for lost in self._unconfirmed:  # their sessions go on
+            if not lost.reported:
+                lost.reported = True
+                logger.warning(
+                    "a fetch whose reply was lost may still run on the server: its claim is "
+                    "given back once its session has ended",
+                    extra={"event": "worker.lost_fetch_running", "worker_id": self._worker_id},
+                )
         return True

@@ -62,6 +62,10 @@ DEFAULT_POLL_INTERVAL: Final = 1.0
 DEFAULT_SHUTDOWN_TIMEOUT: Final = 25.0
 """Seconds running jobs get to finish after `Worker.stop` before they are cancelled."""
 
+MIN_SESSION_IDLE_TIMEOUT: Final = 60.0
+"""Seconds of idleness after which the server ends the fetch/ack connection's session
+(from PostgreSQL 14 on), at least; ten heartbeat intervals if that is longer."""
+
 CLEANUP_TIMEOUT: Final = 10.0
 """Seconds allowed for the final flush of outcomes and unregistering at shutdown."""
 
@@ -110,8 +114,8 @@ class Worker:
             registered task uses.
         poll_interval: seconds between fetches when no notification arrives.
         shutdown_timeout: seconds running jobs get after `stop` before they are
-            cancelled and returned to the queue (`math.inf`: never, until a
-            second stop).
+            cancelled and returned to the queue (`math.inf`: never; the
+            command line's second signal, or cancelling `run`, still does).
         probe_interval: seconds between checks that the LISTEN connection
             still answers.
         heartbeat_interval: seconds between heartbeats (and checks for
@@ -177,9 +181,10 @@ class Worker:
                     f"got {value!r}"
                 )
         # Infinite: running jobs are never cut short by a stop (a second signal still does).
-        if not (shutdown_timeout == math.inf or seconds_in_range(shutdown_timeout)) or not (
-            shutdown_timeout > 0
-        ):
+        if not (
+            (isinstance(shutdown_timeout, float) and shutdown_timeout == math.inf)
+            or seconds_in_range(shutdown_timeout)
+        ) or not (shutdown_timeout > 0):
             raise ConfigurationError(
                 f"shutdown_timeout must be a number of seconds above 0, or math.inf, "
                 f"got {shutdown_timeout!r}"
@@ -285,6 +290,9 @@ class Worker:
             poll_interval=poll_interval,
             completer=self._completer,
             keep_completed=keep_completed,
+            # The heartbeat uses the connection every heartbeat_interval: a
+            # session idle this long has lost its client.
+            session_idle_timeout=max(MIN_SESSION_IDLE_TIMEOUT, 10 * heartbeat_interval),
         )
         self._producer_scope: anyio.CancelScope | None = None
         self._stopping = False
@@ -517,6 +525,12 @@ class Worker:
                     return
                 await self._completer.write_now(pending)
                 conn = await self._link.get()
+                if await self._producer.lost_fetches_left(conn):
+                    logger.warning(
+                        "fetches whose replies were lost may still run on the server: another "
+                        "worker's maintenance will retry the jobs they commit",
+                        extra={"event": "worker.lost_fetch_left", "worker_id": self.id},
+                    )
                 released = await _store.worker_delete(
                     conn, self.queue.statements, worker_id=self.id
                 )

@@ -1018,7 +1018,7 @@ async def test_a_worker_whose_fetch_outlives_its_connection_runs_the_job_once_it
 
 
 async def test_a_lost_fetch_is_given_back_only_once_its_session_has_ended(
-    queue: Queue, conn: pgoutbox.Connection[Any]
+    queue: Queue, conn: pgoutbox.Connection[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The reply can be lost on the worker's side alone while the server still
     # runs the fetch (blocked on a lock, say). Given back then, the claim would
@@ -1029,13 +1029,14 @@ async def test_a_lost_fetch_is_given_back_only_once_its_session_has_ended(
 
     async with conn.transaction():
         job = await queue.enqueue(conn, work, 1)
+    monkeypatch.setattr(_producer, "PENDING_CHECK_INTERVAL", 0.0)
     worker = Worker(queue, **FAST)
     producer, st = worker._producer, queue.statements
     key, claim = 7_000_000_000_000_000_001, str(uuid.uuid4())
     fetch_conn = await worker._link.get()
     try:
         async with await pgoutbox.connect(queue.conninfo) as old:  # where the fetch ran
-            assert await _store.session_lock_take(old, st, key=key)
+            assert await _store.fetch_session_start(old, st, key=key, idle_timeout=60)
             await old.execute(  # the fetch's claim, not committed yet
                 sql.SQL(
                     "UPDATE {} SET state = 'running', attempt = attempt + 1, worker_id = %s, "
@@ -1053,6 +1054,35 @@ async def test_a_lost_fetch_is_given_back_only_once_its_session_has_ended(
         assert producer._unconfirmed == []
         record = await _job(queue, job.id)
         assert (record.state, record.attempt) == (JobState.AVAILABLE, 0)
+    finally:
+        await worker._link.close()
+
+
+async def test_each_fetch_connection_takes_a_session_lock_of_its_own(queue: Queue) -> None:
+    # A fetch on a connection that does not hold the key its claim is filed
+    # under could be given back while it still runs.
+    @queue.task
+    async def work(i: int) -> None: ...
+
+    worker = Worker(queue, **FAST)
+    producer = worker._producer
+    try:
+        first = await worker._link.get()
+        first_key = await producer._session_lock_of(first)
+        await worker._link.failed(first, OSError("dropped by the test"))
+        second = await worker._link.get()
+        second_key = await producer._session_lock_of(second)
+        assert first_key is not None
+        assert second_key not in (None, first_key)
+        async with await pgoutbox.connect(queue.conninfo, autocommit=True) as other:
+            ended = await _store.fetch_sessions_ended(
+                other,
+                queue.statements,
+                keys=[second_key],  # type: ignore[list-item]
+            )
+            assert ended == set()  # the second session holds its lock
+        cur = await second.execute("SHOW idle_session_timeout")
+        assert await cur.fetchone() == ("1min",)
     finally:
         await worker._link.close()
 
