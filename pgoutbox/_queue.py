@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from datetime import datetime
 from typing import Any, Final, ParamSpec, Protocol, Self, TypeVar, overload
 
@@ -308,15 +316,10 @@ class Queue:
         if self._capture is not None:
             return [self._capture(spec) for spec in batch]
         _check_connection(conn, sync=False)
-        try:
+        with _naming_bad_args(batch):
             rows = await _store.job_insert_many(
                 conn, self.statements, batch, channel=self.channel if self.notify else None
             )
-        except psycopg.DataError as ex:
-            bad = _bad_args(batch)
-            if bad is None:
-                raise
-            raise bad from ex
         return _jobs(rows, batch)
 
     @overload
@@ -378,15 +381,10 @@ class Queue:
         if self._capture is not None:
             return [self._capture(spec) for spec in batch]
         _check_connection(conn, sync=True)
-        try:
+        with _naming_bad_args(batch):
             rows = _store.job_insert_many_sync(
                 conn, self.statements, batch, channel=self.channel if self.notify else None
             )
-        except psycopg.DataError as ex:
-            bad = _bad_args(batch)
-            if bad is None:
-                raise
-            raise bad from ex
         return _jobs(rows, batch)
 
     def _channel_for(self, spec: JobSpec) -> str | None:
@@ -551,17 +549,22 @@ class Queue:
 _object_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
-def _bad_args(batch: list[JobSpec]) -> PayloadError | None:
-    """After PostgreSQL refused a batch: the error naming the first spec whose args
-    are not one JSON object, or None if they all are (the refusal was something else)."""
-    for n, spec in enumerate(batch):
-        try:
-            _object_decoder.decode(spec.args)
-        except msgspec.DecodeError:
-            return PayloadError(
-                spec.task, f"the args of JobSpec number {n} in the batch are not one JSON object"
-            )
-    return None
+@contextmanager
+def _naming_bad_args(batch: list[JobSpec]) -> Iterator[None]:
+    """Turn PostgreSQL's refusal of a batch for invalid JSON into a `PayloadError`
+    naming the first spec whose args are not one JSON object."""
+    try:
+        yield
+    except psycopg.DataError as ex:
+        for n, spec in enumerate(batch):
+            try:
+                _object_decoder.decode(spec.args)
+            except (msgspec.DecodeError, RecursionError):
+                raise PayloadError(
+                    spec.task,
+                    f"the args of JobSpec number {n} in the batch are not one JSON object",
+                ) from ex
+        raise
 
 
 def _check_connection(conn: object, *, sync: bool) -> None:

@@ -364,12 +364,14 @@ class TaskRef(msgspec.Struct, frozen=True, kw_only=True):
     run_at: datetime | None = None
 
     def __post_init__(self) -> None:
-        validate_name("task", self.name)
-        validate_name("queue", self.queue)
-        validate_priority(self.priority)
-        _validate_max_attempts(self.max_attempts)
-        _validate_delay(self.name, self.delay)
-        _validate_run_at(self.name, self.run_at)
+        _check_options(
+            self.name,
+            self.queue,
+            priority=self.priority,
+            max_attempts=self.max_attempts,
+            delay=self.delay,
+            run_at=self.run_at,
+        )
 
     def bind(self, /, **kwargs: Any) -> JobSpec:
         """Encode keyword arguments as JSON and make a `JobSpec` (checked by the worker).
@@ -414,7 +416,14 @@ def check_specs(specs: list[JobSpec]) -> None:
             and spec.delay is last.delay
             and spec.run_at is last.run_at
         ):
-            _check_options(spec)
+            _check_options(
+                spec.task,
+                spec.queue,
+                priority=spec.priority,
+                max_attempts=spec.max_attempts,
+                delay=spec.delay,
+                run_at=spec.run_at,
+            )
         if spec.headers is not None:
             _check_headers(spec)
         args = spec.args
@@ -438,13 +447,22 @@ def _is_one_json_value(text: str) -> bool:
     return not ("\\u0000" in text and _NUL_ESCAPE.search(text))
 
 
-def _check_options(spec: JobSpec) -> None:
-    validate_name("task", spec.task)
-    validate_name("queue", spec.queue)
-    validate_priority(spec.priority)
-    _validate_max_attempts(spec.max_attempts)
-    _validate_delay(spec.task, spec.delay)
-    _validate_run_at(spec.task, spec.run_at)
+def _check_options(
+    task: str,
+    queue: str,
+    *,
+    priority: int,
+    max_attempts: int,
+    delay: float,
+    run_at: datetime | None,
+) -> None:
+    """Raise `ConfigurationError` unless these are valid options for a job."""
+    validate_name("task", task)
+    validate_name("queue", queue)
+    validate_priority(priority)
+    _validate_max_attempts(max_attempts)
+    _validate_delay(task, delay)
+    _validate_run_at(task, run_at)
 
 
 def _check_headers(spec: JobSpec) -> None:
