@@ -1139,3 +1139,40 @@ async def test_an_outcome_the_completer_cannot_take_in_time_is_still_written(
         await seen.wait_for(1)
     record = await _job(queue, job.id)
     assert (record.state, record.attempt) == (JobState.COMPLETED, 1)
+
+
+async def test_rescue_gives_workers_a_full_timeout_after_the_server_started(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    # While the server was down nobody could beat: right after it (re)started
+    # every heartbeat looks old, and rescue must wait a whole timeout before it
+    # declares a worker dead. A worker's timeout longer than the server's age
+    # puts the server in that wait, whenever it started.
+    st = queue.statements
+    cur = await conn.execute(
+        "SELECT extract(epoch FROM now() - pg_postmaster_start_time())::float8"
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    waiting_for, gone = str(uuid.uuid4()), str(uuid.uuid4())
+    for worker, timeout in ((waiting_for, row[0] + 3600), (gone, 0.01)):
+        await _store.worker_register(
+            conn,
+            st,
+            worker_id=worker,
+            hostname="test",
+            pid=1,
+            queues=["default"],
+            tasks=["t"],
+            concurrency=1,
+            heartbeat_timeout=timeout,
+        )
+    workers = sql.Identifier(queue.schema, "workers")
+    await conn.execute(
+        sql.SQL(
+            "UPDATE {} SET heartbeat_at = now() - (heartbeat_timeout + 3600) * interval '1 second'"
+        ).format(workers)
+    )
+    assert await _store.worker_rescue_expired(conn, st, schema=queue.schema) == (1, 0)
+    cur = await conn.execute(sql.SQL("SELECT id::text FROM {}").format(workers))
+    assert await cur.fetchall() == [(waiting_for,)]
