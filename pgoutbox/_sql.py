@@ -49,6 +49,7 @@ class Statements:
     job_claim: bytes
     job_release_claim: bytes
     fetch_session_start: bytes
+    fetch_session_check_client: bytes
     fetch_sessions_ended: bytes
     job_set_outcome_many: bytes
     job_complete_many: bytes

@@ -6,9 +6,10 @@ the queue's schema; none opens a transaction unless its docstring says so.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 import psycopg
@@ -411,16 +412,26 @@ async def job_release_claim(
     return len(await cur.fetchall())
 
 
+_MAX_INT4: Final = 2**31 - 1
+"""The largest value of an integer setting (milliseconds here)."""
+
+
 async def fetch_session_start(
     conn: AnyConnection, st: Statements, *, key: int, idle_timeout: float
 ) -> bool:
     """Lock `key` for the session of `conn` (False if another session holds it),
     and have the server end the session within about `idle_timeout` seconds of
     its client going away."""
-    params = {"key": key, "idle_ms": str(round(idle_timeout * 1000))}
+    idle_ms = round(idle_timeout * 1000)
+    params = {"key": key, "idle_ms": str(idle_ms if idle_ms <= _MAX_INT4 else 0)}
     cur = await _execute(conn, st.fetch_session_start, params)
     row = await cur.fetchone()
-    return bool(row and row[0])
+    if not (row and row[0]):
+        return False
+    # Best effort: servers on some platforms refuse it.
+    with contextlib.suppress(psycopg.errors.InvalidParameterValue):
+        await _execute(conn, st.fetch_session_check_client)
+    return True
 
 
 async def fetch_sessions_ended(

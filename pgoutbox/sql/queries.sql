@@ -160,16 +160,25 @@ RETURNING id
 -- run in it, and the lock tells when it no longer can (fetch_sessions_ended).
 -- False if the key is taken. And have the server end this session soon once
 -- its client is gone, so that the lock is not held for hours: TCP keepalives
--- (as the worker's own), and from PostgreSQL 14 on, a check for a vanished
--- client during statements and a limit on idleness (the worker's heartbeat
--- runs on this connection, so it is never idle for long).
+-- (as the worker's own), and from PostgreSQL 14 on a limit on idleness (the
+-- worker's heartbeat runs on this connection, so it is never idle for long;
+-- idle_ms 0 turns the limit off).
 SELECT pg_try_advisory_lock(%(key)s::int8),
        set_config('tcp_keepalives_idle', '30', false),
        set_config('tcp_keepalives_interval', '10', false),
        set_config('tcp_keepalives_count', '3', false),
        CASE WHEN current_setting('server_version_num')::int >= 140000 THEN
+           set_config('idle_session_timeout', %(idle_ms)s::text, false)
+       END
+
+-- name: fetch_session_check_client
+-- plan: per call
+-- From PostgreSQL 14 on, where the server's platform can (Linux; elsewhere
+-- it refuses a value other than 0, and the worker goes without): have a
+-- statement that still runs once its client has gone notice it within a
+-- second and end the session, such as a fetch blocked on a row lock.
+SELECT CASE WHEN current_setting('server_version_num')::int >= 140000 THEN
            set_config('client_connection_check_interval', '1000', false)
-           || set_config('idle_session_timeout', %(idle_ms)s::text, false)
        END
 
 -- name: fetch_sessions_ended

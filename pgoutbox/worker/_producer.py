@@ -204,6 +204,8 @@ class Producer:
                 wait = (
                     self._poll_interval if next_due is None else min(self._poll_interval, next_due)
                 )
+                if self._unconfirmed:  # look again soon whether they can be given back
+                    wait = min(wait, PENDING_CHECK_INTERVAL)
                 if not self._slots.used:
                     # Idle, and no fetch is coming to carry waiting completions.
                     self._completer.flush_soon()
@@ -296,12 +298,9 @@ class Producer:
         self._session_lock = (conn, key)
         return key
 
-    async def lost_fetches_left(self, conn: Connection[Any]) -> int:
-        """At shutdown: give back what can be, and count the fetches whose replies
-        were lost that may still run on the server."""
-        self._next_pending_check = 0.0
-        if self._unconfirmed:
-            await self._release_unconfirmed(conn)
+    @property
+    def lost_fetches(self) -> int:
+        """Fetches whose replies were lost and whose claims are not given back yet."""
         return len(self._unconfirmed)
 
     async def _release_unconfirmed(self, conn: Connection[Any]) -> bool:

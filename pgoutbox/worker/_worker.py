@@ -64,7 +64,8 @@ DEFAULT_SHUTDOWN_TIMEOUT: Final = 25.0
 
 MIN_SESSION_IDLE_TIMEOUT: Final = 60.0
 """Seconds of idleness after which the server ends the fetch/ack connection's session
-(from PostgreSQL 14 on), at least; ten heartbeat intervals if that is longer."""
+(from PostgreSQL 14 on), at least; ten heartbeat intervals or the heartbeat timeout if
+longer (a worker stalled that long is declared dead anyway)."""
 
 CLEANUP_TIMEOUT: Final = 10.0
 """Seconds allowed for the final flush of outcomes and unregistering at shutdown."""
@@ -292,7 +293,9 @@ class Worker:
             keep_completed=keep_completed,
             # The heartbeat uses the connection every heartbeat_interval: a
             # session idle this long has lost its client.
-            session_idle_timeout=max(MIN_SESSION_IDLE_TIMEOUT, 10 * heartbeat_interval),
+            session_idle_timeout=max(
+                MIN_SESSION_IDLE_TIMEOUT, 10 * heartbeat_interval, heartbeat_timeout
+            ),
         )
         self._producer_scope: anyio.CancelScope | None = None
         self._stopping = False
@@ -524,13 +527,15 @@ class Worker:
                 if not self._registered:
                     return
                 await self._completer.write_now(pending)
-                conn = await self._link.get()
-                if await self._producer.lost_fetches_left(conn):
+                if self._producer.lost_fetches:
+                    # worker_delete below returns the jobs of those that committed;
+                    # those still running on the server commit to no live worker.
                     logger.warning(
                         "fetches whose replies were lost may still run on the server: another "
                         "worker's maintenance will retry the jobs they commit",
                         extra={"event": "worker.lost_fetch_left", "worker_id": self.id},
                     )
+                conn = await self._link.get()
                 released = await _store.worker_delete(
                     conn, self.queue.statements, worker_id=self.id
                 )

@@ -994,8 +994,11 @@ async def test_a_worker_whose_fetch_outlives_its_connection_runs_the_job_once_it
         job_a = await queue.enqueue(conn, a)
         await queue.enqueue(conn, c)
     with watching_logs() as logs:
+        # No polling: once the claim can be given back, the worker must look
+        # again of its own accord.
+        options: dict[str, Any] = {**FAST, "poll_interval": 3600.0}
         async with (
-            running(Worker(queue, concurrency=2, **FAST)),
+            running(Worker(queue, concurrency=2, **options)),
             await pgoutbox.connect(queue.conninfo) as locker,
         ):
             with anyio.fail_after(WAIT_TIMEOUT):
@@ -1081,10 +1084,27 @@ async def test_each_fetch_connection_takes_a_session_lock_of_its_own(queue: Queu
                 keys=[second_key],  # type: ignore[list-item]
             )
             assert ended == set()  # the second session holds its lock
-        cur = await second.execute("SHOW idle_session_timeout")
-        assert await cur.fetchone() == ("1min",)
+        if second.info.server_version >= 140000:
+            cur = await second.execute(
+                "SELECT current_setting('idle_session_timeout'),"
+                " current_setting('client_connection_check_interval')"
+            )
+            assert await cur.fetchone() == ("1min", "1s")
     finally:
         await worker._link.close()
+
+
+async def test_a_heartbeat_interval_of_days_leaves_the_session_without_an_idle_limit(
+    queue: Queue,
+) -> None:
+    # Ten intervals of three days are past what idle_session_timeout can hold.
+    async with await pgoutbox.connect(queue.conninfo, autocommit=True) as conn:
+        assert await _store.fetch_session_start(
+            conn, queue.statements, key=7_000_000_000_000_000_003, idle_timeout=30 * 86400
+        )
+        if conn.info.server_version >= 140000:
+            cur = await conn.execute("SHOW idle_session_timeout")
+            assert await cur.fetchone() == ("0",)
 
 
 async def test_claim_whose_reply_was_lost_is_given_back(
