@@ -43,6 +43,7 @@ class JobContext:
         self._headers = job.headers
         self._completed = False
         self._lost = False
+        self._open = False  # a transaction() block is running
         self.instrumentation = queue.instrumentation
 
     def __repr__(self) -> str:
@@ -79,30 +80,43 @@ class JobContext:
 
         Raises:
             JobLostError: the job no longer runs under this attempt.
+            PgoutboxError: a `transaction` block of this job is already open
+                (use its connection).
         """
         if self._completed:
             raise RuntimeError(f"job {self.id} was already completed by a transaction")
+        if self._open:
+            # A second block would complete the job on a connection of its own,
+            # and the first one's writes would then roll back as lost.
+            raise PgoutboxError(
+                f"job {self.id}: current_job().transaction() is already open; use the "
+                "connection it gave you"
+            )
         if self._queue._capture is not None:
             raise PgoutboxError(
                 "current_job().transaction() needs the database; it is not available while "
                 "pgoutbox.testing.capture() records jobs in memory (use testing.isolated())"
             )
-        async with self._queue.connection() as conn:
-            async with conn.transaction():
-                yield conn
-                if not await _store.job_complete_fenced(
-                    conn,
-                    self._queue.statements,
-                    job_id=self.id,
-                    attempt=self.attempt,
-                    claim_id=self._claim_id,
-                ):
-                    self._lost = True
-                    raise JobLostError(
-                        f"job {self.id} is no longer running under attempt {self.attempt} "
-                        "(rescued or cancelled): its transaction was rolled back"
-                    )
-            self._completed = True
+        self._open = True
+        try:
+            async with self._queue.connection() as conn:
+                async with conn.transaction():
+                    yield conn
+                    if not await _store.job_complete_fenced(
+                        conn,
+                        self._queue.statements,
+                        job_id=self.id,
+                        attempt=self.attempt,
+                        claim_id=self._claim_id,
+                    ):
+                        self._lost = True
+                        raise JobLostError(
+                            f"job {self.id} is no longer running under attempt {self.attempt} "
+                            "(rescued or cancelled): its transaction was rolled back"
+                        )
+                self._completed = True
+        finally:
+            self._open = False
 
 
 def current_job() -> JobContext:

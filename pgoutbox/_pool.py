@@ -2,8 +2,10 @@
 
 `psycopg_pool` runs asyncio tasks of its own and does not work under trio; this
 pool has no background task at all: a semaphore bounds the connections, idle
-ones are reused last-in first-out, a connection past its lifetime or broken is
-discarded at checkout or return, and the return is shielded and bounded.
+ones are reused last-in first-out, a connection past its lifetime or closed is
+discarded at checkout or return, and the return is shielded and bounded. A
+connection the server has ended (a restart, a failover) is not detected before
+it is lent: its first statement fails, and it is discarded when it comes back.
 """
 
 from __future__ import annotations

@@ -5,7 +5,11 @@ default) and pass instances to ``Queue(instrumentation=[...])``. Ready-made:
 `pgoutbox.contrib.opentelemetry` and `pgoutbox.contrib.prometheus`.
 
 Hooks run inline on the worker's and producer's tasks: keep them fast and
-never let them block. An exception in a hook propagates (it is a bug to fix).
+never let them block. An exception in a hook propagates (it is a bug to fix),
+with the consequences of any failure at that point: raised in a worker's hook,
+it stops the worker, and jobs whose outcomes were not written yet run again;
+raised as `enqueuing` exits, after the jobs were written, a caller on an
+autocommit connection that retries writes them twice.
 """
 
 from __future__ import annotations

@@ -137,6 +137,14 @@ async def _attempt(task: Task[Any, Any], job: ClaimedJob, context: JobContext) -
         error = ex
     duration = time.monotonic() - started
     if context.completed:
+        if error is not None:  # the job stays completed: its effects committed with it
+            logger.error(
+                "job %s raised after its transaction completed it: %s",
+                job.id,
+                type(error).__name__,
+                exc_info=error,
+                extra=_context(job, event="job.failed_after_commit", duration=duration),
+            )
         return None
     if error is None:
         if debug:

@@ -374,6 +374,56 @@ async def test_exactly_once_transaction_commits_effect_with_completion(
     assert (await _job(queue, job.id)).state is JobState.COMPLETED
 
 
+async def test_a_nested_transaction_is_refused_and_the_outer_one_commits(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    # A second block completed the job on a connection of its own, and the
+    # first one's writes then rolled back as lost, without a word.
+    await _execute(queue, "CREATE TABLE {schema}.effects (job_id bigint)")
+    seen = Recorder()
+
+    @queue.task
+    async def charge(order_id: int) -> None:
+        job = current_job()
+        async with job.transaction() as tx:
+            await tx.execute(
+                sql.SQL("INSERT INTO {}.effects VALUES (%s)").format(sql.Identifier(queue.schema)),
+                [job.id],
+            )
+            try:
+                async with job.transaction():
+                    seen.record("nested")
+            except pgoutbox.PgoutboxError as ex:
+                seen.record(str(ex))
+
+    async with running(Worker(queue, **FAST)):
+        async with conn.transaction():
+            job = await queue.enqueue(conn, charge, 7)
+        [said] = await seen.wait_for(1)
+    assert "already open" in said
+    assert await _effects(queue) == [job.id]
+    assert (await _job(queue, job.id)).state is JobState.COMPLETED
+
+
+async def test_an_error_after_the_transaction_committed_is_logged_and_the_job_stays_done(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    @queue.task
+    async def charge(order_id: int) -> None:
+        async with current_job().transaction():
+            pass
+        raise RuntimeError("the receipt e-mail failed")
+
+    with watching_logs() as logs:
+        async with running(Worker(queue, **FAST)):
+            async with conn.transaction():
+                job = await queue.enqueue(conn, charge, 7)
+            await logs.wait_for_event("job.failed_after_commit")
+    [record] = [r for r in logs.records if getattr(r, "event", "") == "job.failed_after_commit"]
+    assert record.exc_info is not None
+    assert (await _job(queue, job.id)).state is JobState.COMPLETED
+
+
 async def test_exactly_once_transaction_refused_after_rescue(
     queue: Queue, conn: pgoutbox.Connection[Any]
 ) -> None:
