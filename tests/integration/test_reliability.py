@@ -350,28 +350,41 @@ async def _effects(queue: Queue) -> list[int]:
         return [r[0] for r in await cur.fetchall()]
 
 
+async def _record_effect(tx: pgoutbox.Connection[Any], queue: Queue, job_id: int) -> None:
+    await tx.execute(
+        sql.SQL("INSERT INTO {}.effects VALUES (%s)").format(sql.Identifier(queue.schema)),
+        [job_id],
+    )
+
+
+async def _run_once_with_effect(
+    queue: Queue, conn: pgoutbox.Connection[Any], task: pgoutbox.Task[..., Any], seen: Recorder
+) -> list[Any]:
+    """Make the effects table, run one job of `task` (which records once in `seen`), check
+    that its effect and its completion committed; return what it recorded."""
+    await _execute(queue, "CREATE TABLE {schema}.effects (job_id bigint)")
+    async with running(Worker(queue, **FAST)):
+        async with conn.transaction():
+            job = await queue.enqueue(conn, task, 7)
+        recorded = await seen.wait_for(1)
+    assert await _effects(queue) == [job.id]
+    assert (await _job(queue, job.id)).state is JobState.COMPLETED
+    return recorded
+
+
 async def test_exactly_once_transaction_commits_effect_with_completion(
     queue: Queue, conn: pgoutbox.Connection[Any]
 ) -> None:
-    await _execute(queue, "CREATE TABLE {schema}.effects (job_id bigint)")
     seen = Recorder()
 
     @queue.task
     async def charge(order_id: int) -> None:
         job = current_job()
         async with job.transaction() as tx:
-            await tx.execute(
-                sql.SQL("INSERT INTO {}.effects VALUES (%s)").format(sql.Identifier(queue.schema)),
-                [job.id],
-            )
+            await _record_effect(tx, queue, job.id)
         seen.record(job.completed)
 
-    async with running(Worker(queue, **FAST)):
-        async with conn.transaction():
-            job = await queue.enqueue(conn, charge, 7)
-        assert await seen.wait_for(1) == [True]
-    assert await _effects(queue) == [job.id]
-    assert (await _job(queue, job.id)).state is JobState.COMPLETED
+    assert await _run_once_with_effect(queue, conn, charge, seen) == [True]
 
 
 async def test_a_nested_transaction_is_refused_and_the_outer_one_commits(
@@ -379,30 +392,21 @@ async def test_a_nested_transaction_is_refused_and_the_outer_one_commits(
 ) -> None:
     # A second block completed the job on a connection of its own, and the
     # first one's writes then rolled back as lost, without a word.
-    await _execute(queue, "CREATE TABLE {schema}.effects (job_id bigint)")
     seen = Recorder()
 
     @queue.task
     async def charge(order_id: int) -> None:
         job = current_job()
         async with job.transaction() as tx:
-            await tx.execute(
-                sql.SQL("INSERT INTO {}.effects VALUES (%s)").format(sql.Identifier(queue.schema)),
-                [job.id],
-            )
+            await _record_effect(tx, queue, job.id)
             try:
                 async with job.transaction():
                     seen.record("nested")
             except pgoutbox.PgoutboxError as ex:
                 seen.record(str(ex))
 
-    async with running(Worker(queue, **FAST)):
-        async with conn.transaction():
-            job = await queue.enqueue(conn, charge, 7)
-        [said] = await seen.wait_for(1)
+    [said] = await _run_once_with_effect(queue, conn, charge, seen)
     assert "already open" in said
-    assert await _effects(queue) == [job.id]
-    assert (await _job(queue, job.id)).state is JobState.COMPLETED
 
 
 async def test_an_error_after_the_transaction_committed_is_logged_and_the_job_stays_done(
