@@ -253,7 +253,8 @@ class Queue:
         Inside a transaction, the job and the notification exist only if that
         transaction commits; on an autocommit connection the single statement
         commits both at once. Enqueue never opens or commits a transaction.
-        A job delayed into the future sends no NOTIFY.
+        A job due more than a minute from now (`NOTIFY_WITHIN`) sends no
+        NOTIFY: workers find it at a poll before it is due.
 
         Args:
             conn: the caller's psycopg async connection.
@@ -279,7 +280,7 @@ class Queue:
             return self._capture(spec)
         _check_connection(conn, sync=False)
         job_id, due = await _store.job_insert(
-            conn, self.statements, spec, channel=self._channel_for(spec)
+            conn, self.statements, spec, channel=self._notify_channel
         )
         return Job(id=job_id, task=spec.task, queue=spec.queue, run_at=due)
 
@@ -318,7 +319,7 @@ class Queue:
         _check_connection(conn, sync=False)
         with _naming_bad_args(batch):
             rows = await _store.job_insert_many(
-                conn, self.statements, batch, channel=self.channel if self.notify else None
+                conn, self.statements, batch, channel=self._notify_channel
             )
         return _jobs(rows, batch)
 
@@ -361,7 +362,7 @@ class Queue:
             return self._capture(spec)
         _check_connection(conn, sync=True)
         job_id, due = _store.job_insert_sync(
-            conn, self.statements, spec, channel=self._channel_for(spec)
+            conn, self.statements, spec, channel=self._notify_channel
         )
         return Job(id=job_id, task=spec.task, queue=spec.queue, run_at=due)
 
@@ -383,13 +384,15 @@ class Queue:
         _check_connection(conn, sync=True)
         with _naming_bad_args(batch):
             rows = _store.job_insert_many_sync(
-                conn, self.statements, batch, channel=self.channel if self.notify else None
+                conn, self.statements, batch, channel=self._notify_channel
             )
         return _jobs(rows, batch)
 
-    def _channel_for(self, spec: JobSpec) -> str | None:
-        """Where to NOTIFY for `spec`: nowhere for delayed jobs, or with notify off."""
-        return self.channel if self.notify and spec.due_now() else None
+    @property
+    def _notify_channel(self) -> str | None:
+        """Where enqueue sends its NOTIFY: nowhere with notify off. (Jobs due later
+        than `NOTIFY_WITHIN` send none: see `_store.job_insert`.)"""
+        return self.channel if self.notify else None
 
     def _check_specs(self, specs: Iterable[JobSpec]) -> list[JobSpec]:
         batch = list(specs)

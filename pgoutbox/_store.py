@@ -20,6 +20,7 @@ from psycopg.postgres import types as pg_types
 from psycopg.rows import tuple_row
 
 from ._job import (
+    NOTIFY_WITHIN,
     ClaimedJob,
     JobError,
     JobRecord,
@@ -169,12 +170,12 @@ def _job_insert_query(
         "max_attempts": spec.max_attempts,
         "headers": _headers_json(spec),
         "run_at": spec.run_at,
+        "delay": float(spec.delay),
+        "state": "available" if spec.due_now() else "scheduled",
     }
-    if channel is not None:
+    if channel is not None and spec.due_within(NOTIFY_WITHIN):
         params["channel"] = channel
         return st.job_insert_notify, params
-    params["delay"] = float(spec.delay)
-    params["state"] = "available" if spec.due_now() else "scheduled"
     return st.job_insert, params
 
 
@@ -244,7 +245,7 @@ def _job_insert_many_query(
                 "args": "[" + ",".join([s.args for s in specs]) + "]",
                 "count": len(specs),
                 "channel": channel or "",
-                "notify": due and channel is not None,
+                "notify": channel is not None and first.due_within(NOTIFY_WITHIN),
             },
             True,
         )
@@ -252,7 +253,7 @@ def _job_insert_many_query(
     notify_queues: set[str] = set()
     for s in specs:
         due = s.due_now()
-        if due and channel is not None:
+        if channel is not None and s.due_within(NOTIFY_WITHIN):
             notify_queues.add(s.queue)
         rows.append(
             _InsertRow(
@@ -542,9 +543,22 @@ async def worker_register(
     )
 
 
-async def worker_delete(conn: AnyConnection, st: Statements, *, worker_id: str) -> int:
-    """Remove a worker's row and make any job it still holds available; return how many."""
-    cur = await _execute(conn, st.worker_delete, {"id": worker_id})
+async def worker_delete(
+    conn: AnyConnection,
+    st: Statements,
+    *,
+    worker_id: str,
+    channel: str,
+    queues: Sequence[str],
+) -> int:
+    """Remove a worker's row and make any job it still holds available; return how many.
+
+    NOTIFY each of `queues` on `channel`: other workers then start at once what
+    this one gave back, here or in its last outcomes.
+    """
+    cur = await _execute(
+        conn, st.worker_delete, {"id": worker_id, "channel": channel, "queues": list(queues)}
+    )
     row = await cur.fetchone()
     return 0 if row is None else int(row[0])
 
@@ -598,12 +612,13 @@ async def worker_heartbeat(
 
 
 async def worker_rescue_expired(
-    conn: AnyConnection, st: Statements, *, schema: str
+    conn: AnyConnection, st: Statements, *, schema: str, channel: str
 ) -> tuple[int, int]:
     """Remove workers silent past their heartbeat timeout and rescue their jobs, unless
     another worker holds the maintenance lock. Returns (workers removed, jobs rescued).
+    The queues of jobs that can run again get a NOTIFY on `channel`.
     """
-    cur = await _execute(conn, st.worker_rescue_expired, {"schema": schema})
+    cur = await _execute(conn, st.worker_rescue_expired, {"schema": schema, "channel": channel})
     row = await cur.fetchone()
     assert row is not None  # noqa: S101 (a SELECT without FROM returns one row)
     return int(row[0]), int(row[1])

@@ -40,12 +40,15 @@ VALUES (
 RETURNING id, run_at
 
 -- name: job_insert_notify
--- A job due at once (a run_at already past is kept: it orders the job).
+-- job_insert with its wake-up: for a job due at once, or soon (a worker that
+-- wakes for a delayed job learns when it is due, and sleeps until then).
 WITH job AS (
     INSERT INTO {schema}.jobs (queue, task, args, priority, state, max_attempts, run_at, headers)
     VALUES (
-        %(queue)s, %(task)s, %(args)s::jsonb, %(priority)s, 'available', %(max_attempts)s,
-        coalesce(%(run_at)s::timestamptz, now()), %(headers)s::jsonb
+        %(queue)s, %(task)s, %(args)s::jsonb, %(priority)s,
+        %(state)s::{schema}.job_state, %(max_attempts)s,
+        coalesce(%(run_at)s::timestamptz, now() + %(delay)s::float8 * interval '1 second'),
+        %(headers)s::jsonb
     )
     RETURNING id, run_at
 )
@@ -227,7 +230,9 @@ ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()
 -- plan: per call
 -- A worker leaving gives back the jobs it still holds: their interrupted
 -- attempt is given back too (max_attempts + 1, so attempt numbers keep
--- growing), and a job whose cancel was requested ends `cancelled`.
+-- growing), and a job whose cancel was requested ends `cancelled`. It wakes
+-- the workers of its queues: the jobs given back here or in its last outcomes
+-- (interrupted, or a retry it will not run itself) start now, not at a poll.
 WITH released AS (
     UPDATE {schema}.jobs
     SET state = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled'
@@ -241,8 +246,10 @@ WITH released AS (
     RETURNING id
 ), gone AS (
     DELETE FROM {schema}.workers WHERE id = %(id)s
+), notified AS (
+    SELECT pg_notify(%(channel)s, q) FROM unnest(%(queues)s::text[]) AS q
 )
-SELECT count(*) FROM released
+SELECT (SELECT count(*) FROM released), (SELECT count(*) FROM notified)
 
 -- name: job_complete_fenced
 -- One attempt, in the caller's transaction; a NULL claim_id fences by attempt
@@ -287,7 +294,8 @@ SELECT
 -- name: worker_rescue_expired
 -- plan: per call
 -- Remove workers whose heartbeat expired and retry (or fail, when out of
--- attempts) the jobs they held, and any running job whose worker row is gone.
+-- attempts) the jobs they held, and any running job whose worker row is gone;
+-- wake the workers of the queues whose jobs can run again.
 -- One statement, so it never shares a transaction with other work on the
 -- worker's connection; the advisory lock lets one worker at a time do it.
 WITH lock AS (
@@ -321,9 +329,13 @@ WITH lock AS (
       AND j.state = 'running'
       AND (j.worker_id IN (SELECT id FROM dead)
            OR NOT EXISTS (SELECT 1 FROM {schema}.workers AS w WHERE w.id = j.worker_id))
-    RETURNING j.id
+    RETURNING j.id, j.queue, j.state
+), notified AS (
+    SELECT pg_notify(%(channel)s, q)
+    FROM (SELECT DISTINCT queue FROM rescued WHERE state = 'retryable') AS r(q)
 )
-SELECT (SELECT count(*) FROM dead), (SELECT count(*) FROM rescued)
+SELECT (SELECT count(*) FROM dead), (SELECT count(*) FROM rescued),
+       (SELECT count(*) FROM notified)
 
 -- name: job_prune
 -- plan: per call

@@ -16,6 +16,7 @@ from .._job import JobState, Outcome
 from .._sql import Statements
 from ..instrumentation import Instrumentation
 from ._link import Link
+from ._wakeup import Wakeup
 
 __all__ = ["LINGER", "MAX_BATCH", "Completer"]
 
@@ -26,6 +27,10 @@ MAX_BATCH: Final = 1000
 
 LINGER: Final = 0.02
 """Seconds completions may wait for the producer's next fetch to carry them."""
+
+_RUN_AGAIN: Final = frozenset({JobState.AVAILABLE, JobState.RETRYABLE, JobState.SCHEDULED})
+"""Outcomes that leave the job to run again."""
+
 
 WRITE_TIMEOUT: Final = 30.0
 """Seconds a batch write may take before the connection is deemed dead (then retried)."""
@@ -45,6 +50,10 @@ class Completer:
     At most `capacity` outcomes wait: executors then wait in `put`
     (backpressure). A failed write is retried on a new connection: writes are
     fenced by attempt, so a retry after an unknown commit is harmless.
+
+    A written batch that leaves jobs to run again (a retry, a snooze, an
+    interrupted attempt) sets `rerun`: the producer then fetches, and learns
+    when they are due, even if no fetch was coming before its next poll.
     """
 
     def __init__(
@@ -55,8 +64,10 @@ class Completer:
         capacity: int,
         keep_completed: bool = True,
         instrumentation: Instrumentation | None = None,
+        rerun: Wakeup | None = None,
     ) -> None:
         self._link = link
+        self._rerun = rerun
         self._statements = statements
         self._capacity = capacity
         self._flush_at = min(capacity, MAX_BATCH)
@@ -243,6 +254,8 @@ class Completer:
             self._link.succeeded()
             break
         self.written(batch, written, time.monotonic() - started)
+        if self._rerun is not None and any(o.state in _RUN_AGAIN for o in batch):
+            self._rerun.set()
 
     async def write_now(self, batch: list[Outcome]) -> None:
         """Write `batch` directly (used for the bounded final flush)."""

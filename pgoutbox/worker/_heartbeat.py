@@ -168,7 +168,7 @@ class Heartbeat:
         # The worker's connection is shared by several tasks: never open a
         # transaction on it (another task's statement would join it).
         workers, jobs = await _store.worker_rescue_expired(
-            conn, self._queue.statements, schema=self._queue.schema
+            conn, self._queue.statements, schema=self._queue.schema, channel=self._queue.channel
         )
         # Count and log the rescue at once: the rescued jobs may already be
         # running again, and the worker may be stopped during the steps below.

@@ -264,6 +264,7 @@ class Worker:
             capacity=concurrency,
             keep_completed=keep_completed,
             instrumentation=queue.instrumentation,
+            rerun=self._wakeup,
         )
         self._heartbeat = Heartbeat(
             self._link,
@@ -537,7 +538,11 @@ class Worker:
                     )
                 conn = await self._link.get()
                 released = await _store.worker_delete(
-                    conn, self.queue.statements, worker_id=self.id
+                    conn,
+                    self.queue.statements,
+                    worker_id=self.id,
+                    channel=self.queue.channel,
+                    queues=self.queues,
                 )
                 if released:
                     logger.warning(

@@ -97,17 +97,19 @@ async def test_enqueue_notifies_once_per_queue_per_transaction(
     assert await count_jobs(queue) == 5
 
 
-async def test_enqueue_delayed_job_does_not_notify(
+async def test_enqueue_of_a_job_due_in_more_than_a_minute_does_not_notify(
     queue: Queue, conn: pgoutbox.Connection[Any], database_dsn: str
 ) -> None:
+    """Workers poll more often than that: one finds the job before it is due."""
+
     @queue.task
     async def send(to: str) -> None: ...
 
     listener = await _listen(database_dsn, queue.channel)
     try:
         async with conn.transaction():
-            job = await queue.enqueue(conn, send.options(delay=60), "a@example.com")
-            later = datetime.now(UTC) + timedelta(hours=1)
+            job = await queue.enqueue(conn, send.options(delay=61), "a@example.com")
+            later = datetime.now(UTC) + timedelta(seconds=62)
             await queue.enqueue(conn, send.options(run_at=later), "b@example.com")
         assert await _notifications(listener, 0.3) == []
     finally:
@@ -115,7 +117,37 @@ async def test_enqueue_delayed_job_does_not_notify(
     record = await queue.get_job(job.id)
     assert record is not None
     assert record.state is pgoutbox.JobState.SCHEDULED
-    assert record.run_at > record.created_at + timedelta(seconds=59)
+    assert record.run_at > record.created_at + timedelta(seconds=60)
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+async def test_enqueue_of_a_job_due_within_a_minute_notifies(
+    queue: Queue,
+    conn: pgoutbox.Connection[Any],
+    database_dsn: str,
+    sync: bool,
+) -> None:
+    """An idle worker may not poll before it is due: the NOTIFY wakes it, and the
+    fetch tells it when the job is due."""
+
+    @queue.task(queue="mail")
+    async def send(to: str) -> None: ...
+
+    soon = datetime.now(UTC) + timedelta(seconds=59)
+    tasks = [send.options(delay=59), send.options(run_at=soon)]
+    listener = await _listen(database_dsn, queue.channel)
+    try:
+        for task in tasks:
+            if sync:
+                with psycopg.Connection.connect(database_dsn, autocommit=True) as sync_conn:
+                    queue.enqueue_sync(sync_conn, task, "a@example.com")
+            else:
+                async with conn.transaction():
+                    await queue.enqueue(conn, task, "a@example.com")
+        assert await _notifications(listener, 5.0, stop_after=2) == ["mail", "mail"]
+    finally:
+        await listener.close()
+    assert await count_jobs(queue, "state = 'scheduled' AND run_at > now() + interval '50 s'") == 2
 
 
 async def test_enqueue_on_autocommit_connection_is_one_atomic_statement(
@@ -249,7 +281,7 @@ async def test_enqueue_many_one_statement_one_notify_per_queue(
     async def text(to: str) -> None: ...
 
     specs = [send.bind(f"{i}@example.com") for i in range(500)]
-    specs += [text.bind("+4700000000"), send.options(delay=60).bind("later@example.com")]
+    specs += [text.bind("+4700000000"), send.options(delay=61).bind("later@example.com")]
     specs.append(TaskRef(name="remote.task", queue="mail").bind(x=1))
     listener = await _listen(database_dsn, queue.channel)
     try:
@@ -276,7 +308,8 @@ async def test_enqueue_many_of_one_task_and_options_writes_what_each_enqueue_wou
     hour = datetime.now(UTC) + timedelta(hours=1)
     batches = {
         "due": [send.bind(f"{i}@example.com", n=i) for i in range(300)],
-        "delayed": [send.options(delay=60).bind("d", n=i) for i in range(3)],
+        "delayed": [send.options(delay=61).bind("d", n=i) for i in range(3)],
+        "soon": [send.options(delay=30).bind("s", n=i) for i in range(3)],
         "at": [
             msgspec.structs.replace(send.options(run_at=hour).bind("e", n=i), headers={"t": "1"})
             for i in range(3)
@@ -289,7 +322,8 @@ async def test_enqueue_many_of_one_task_and_options_writes_what_each_enqueue_wou
             async with conn.transaction():
                 jobs[name] = await queue.enqueue_many(conn, specs)
             assert len({j.run_at for j in jobs[name]}) == 1
-        assert await _notifications(listener, 0.3) == ["mail"]
+        # Due now, and due within a minute: see test_enqueue_of_a_job_due_within_a_minute_notifies.
+        assert await _notifications(listener, 0.3) == ["mail", "mail"]
     finally:
         await listener.close()
     for name, specs in batches.items():
@@ -310,8 +344,8 @@ async def test_enqueue_many_of_one_task_and_options_writes_what_each_enqueue_wou
     }
     assert jobs["at"][0].run_at == hour
     delayed = jobs["delayed"][0].run_at - jobs["due"][0].run_at
-    assert timedelta(seconds=59) < delayed < timedelta(seconds=120)
-    assert await count_jobs(queue, "state = 'scheduled'") == 6
+    assert timedelta(seconds=60) < delayed < timedelta(seconds=120)
+    assert await count_jobs(queue, "state = 'scheduled'") == 9
     assert await count_jobs(queue, 'headers = \'{"t": "1"}\'') == 3
 
 

@@ -139,7 +139,7 @@ async def _run_statements_planned_per_call(
 ) -> None:
     worker, claim = str(uuid.uuid4()), str(uuid.uuid4())
     await _store.worker_heartbeat(conn, st, worker_id=worker)
-    await _store.worker_rescue_expired(conn, st, schema=queue.schema)
+    await _store.worker_rescue_expired(conn, st, schema=queue.schema, channel=queue.channel)
     await _store.job_prune(
         conn, st, schema=queue.schema, completed_retention=1, failed_retention=1, limit=10
     )
@@ -149,7 +149,9 @@ async def _run_statements_planned_per_call(
     await _store.job_request_cancel_running(conn, st, job_ids=[1], channel="plans", payload="x")
     await _store.status(conn, st)
     await _store.job_count_unfinished(conn, st, tasks=["plans.t"])
-    await _store.worker_delete(conn, st, worker_id=worker)
+    await _store.worker_delete(
+        conn, st, worker_id=worker, channel=queue.channel, queues=["default"]
+    )
 
 
 def _touching_jobs(st: Statements) -> dict[str, bytes]:

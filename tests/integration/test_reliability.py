@@ -1247,6 +1247,8 @@ async def test_rescue_gives_workers_a_full_timeout_after_the_server_started(
             "UPDATE {} SET heartbeat_at = now() - (heartbeat_timeout + 3600) * interval '1 second'"
         ).format(workers)
     )
-    assert await _store.worker_rescue_expired(conn, st, schema=queue.schema) == (1, 0)
+    assert await _store.worker_rescue_expired(
+        conn, st, schema=queue.schema, channel=queue.channel
+    ) == (1, 0)
     cur = await conn.execute(sql.SQL("SELECT id::text FROM {}").format(workers))
     assert await cur.fetchall() == [(waiting_for,)]

@@ -781,7 +781,11 @@ class JobStateMachine(RuleBasedStateMachine):
             if j.state is JobState.RUNNING and (j.worker in dead or j.worker not in self.registered)
         ]
         removed, rescued = self.db.call(
-            _store.worker_rescue_expired, self.db.conn, self.db.statements, schema=self.db.schema
+            _store.worker_rescue_expired,
+            self.db.conn,
+            self.db.statements,
+            schema=self.db.schema,
+            channel=self.db.channel,
         )
         assert (removed, rescued) == (len(dead), len(orphans))
         self.registered -= dead
@@ -802,7 +806,12 @@ class JobStateMachine(RuleBasedStateMachine):
         worker = data.draw(self._worker(), label="worker")
         held = [j for j in self.jobs.values() if j.state is JobState.RUNNING and j.worker == worker]
         released = self.db.call(
-            _store.worker_delete, self.db.conn, self.db.statements, worker_id=worker
+            _store.worker_delete,
+            self.db.conn,
+            self.db.statements,
+            worker_id=worker,
+            channel=self.db.channel,
+            queues=["default"],
         )
         assert released == len(held)
         self.registered.discard(worker)
@@ -979,7 +988,12 @@ async def _lose(
         released = await _store.job_release_claim(conn, st_, worker_id=worker, claim_id=FIRST_CLAIM)
         assert released == 1
     elif how == "worker_delete":
-        assert await _store.worker_delete(conn, st_, worker_id=worker) == 1
+        assert (
+            await _store.worker_delete(
+                conn, st_, worker_id=worker, channel=queue.channel, queues=["default"]
+            )
+            == 1
+        )
     elif how == "interrupted":
         outcome = interrupted(job)  # what the worker writes for an attempt cut short
         assert await _store.job_set_outcome_many(conn, st_, [outcome]) == {(job.id, job.attempt)}
@@ -990,7 +1004,9 @@ async def _lose(
             ).format(sql.Identifier(queue.schema)),
             [worker],
         )
-        assert await _store.worker_rescue_expired(conn, st_, schema=queue.schema) == (1, 1)
+        assert await _store.worker_rescue_expired(
+            conn, st_, schema=queue.schema, channel=queue.channel
+        ) == (1, 1)
 
 
 @pytest.mark.anyio
