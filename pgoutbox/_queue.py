@@ -430,16 +430,8 @@ class Queue:
                 raise ConfigurationError(f"job ids are integers, got {job_id!r}")
         if self._capture_cancel is not None:
             return self._capture_cancel(job_ids)
-        st = self.statements
-        cancelled = await _store.job_cancel_waiting(conn, st, job_ids=job_ids)
-        done = set(cancelled)
-        rest = [job_id for job_id in job_ids if job_id not in done]
-        requested = (
-            await _store.job_request_cancel_running(
-                conn, st, job_ids=rest, channel=self.channel, payload=CANCEL_PAYLOAD
-            )
-            if rest
-            else []
+        cancelled, requested = await _store.job_cancel(
+            conn, self.statements, job_ids=job_ids, channel=self.channel, payload=CANCEL_PAYLOAD
         )
         return CancelResult(cancelled=tuple(cancelled), requested=tuple(requested))
 

@@ -57,8 +57,7 @@ class Statements:
     worker_register: bytes
     worker_delete: bytes
     job_complete_fenced: bytes
-    job_cancel_waiting: bytes
-    job_request_cancel_running: bytes
+    job_cancel: bytes
     worker_heartbeat: bytes
     worker_rescue_expired: bytes
     job_prune: bytes

@@ -34,7 +34,7 @@ from ._job import (
 from ._sql import PlannedPerCall, Statements, load_migrations
 
 __all__ = [
-    "job_cancel_waiting",
+    "job_cancel",
     "job_claim",
     "job_complete_fenced",
     "job_count_unfinished",
@@ -45,7 +45,6 @@ __all__ = [
     "job_insert_sync",
     "job_prune",
     "job_release_claim",
-    "job_request_cancel_running",
     "job_set_outcome_many",
     "listen",
     "migrate",
@@ -581,24 +580,16 @@ async def job_complete_fenced(
     return await cur.fetchone() is not None
 
 
-async def job_cancel_waiting(
-    conn: AnyConnection, st: Statements, *, job_ids: Sequence[int]
-) -> list[int]:
-    """Cancel the waiting jobs among `job_ids`; return those cancelled."""
-    cur = await _execute(conn, st.job_cancel_waiting, {"ids": list(job_ids)})
-    return sorted(row[0] for row in await cur.fetchall())
-
-
-async def job_request_cancel_running(
+async def job_cancel(
     conn: AnyConnection, st: Statements, *, job_ids: Sequence[int], channel: str, payload: str
-) -> list[int]:
-    """Flag the running jobs among `job_ids` for cancellation and NOTIFY the workers."""
+) -> tuple[list[int], list[int]]:
+    """Cancel the waiting jobs among `job_ids`, flag the running ones for cancellation
+    and NOTIFY their workers, in one statement. Returns (cancelled, flagged), sorted."""
     cur = await _execute(
-        conn,
-        st.job_request_cancel_running,
-        {"ids": list(job_ids), "channel": channel, "payload": payload},
+        conn, st.job_cancel, {"ids": list(job_ids), "channel": channel, "payload": payload}
     )
-    return sorted(row[0] for row in await cur.fetchall())
+    rows = await cur.fetchall()
+    return sorted(r[0] for r in rows if not r[1]), sorted(r[0] for r in rows if r[1])
 
 
 async def worker_heartbeat(

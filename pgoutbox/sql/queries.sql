@@ -260,22 +260,28 @@ FROM {schema}.finish_completed(
     array_remove(ARRAY[%(claim_id)s::uuid], NULL), true
 )
 
--- name: job_cancel_waiting
+-- name: job_cancel
 -- plan: per call
-UPDATE {schema}.jobs
-SET state = 'cancelled', finished_at = now()
-WHERE id = ANY(%(ids)s::bigint[]) AND state IN ('scheduled', 'available', 'retryable')
-RETURNING id
-
--- name: job_request_cancel_running
--- plan: per call
-WITH asked AS (
+-- Cancel the waiting jobs among `ids` and ask the workers of the running ones
+-- to cancel them (by NOTIFY; their heartbeat also reads the request). One
+-- statement: a job whose worker writes its retry, or gives it back, while the
+-- cancel waits for its row lock is seen in its new state and cancelled, not
+-- missed between a statement for waiting jobs and one for running jobs.
+WITH changed AS (
     UPDATE {schema}.jobs
-    SET cancel_requested_at = coalesce(cancel_requested_at, now())
-    WHERE id = ANY(%(ids)s::bigint[]) AND state = 'running'
-    RETURNING id
+    SET state = CASE WHEN state = 'running' THEN state
+                     ELSE 'cancelled' END::{schema}.job_state,
+        finished_at = CASE WHEN state = 'running' THEN finished_at ELSE now() END,
+        cancel_requested_at = CASE WHEN state = 'running'
+                                   THEN coalesce(cancel_requested_at, now())
+                                   ELSE cancel_requested_at END
+    WHERE id = ANY(%(ids)s::bigint[])
+      AND state IN ('scheduled', 'available', 'retryable', 'running')
+    RETURNING id, state = 'running' AS asked
+), notified AS (
+    SELECT pg_notify(%(channel)s, %(payload)s) WHERE EXISTS (SELECT FROM changed WHERE asked)
 )
-SELECT id, pg_notify(%(channel)s, %(payload)s) FROM asked
+SELECT id, asked, (SELECT count(*) FROM notified) FROM changed
 
 -- name: worker_heartbeat
 -- plan: per call

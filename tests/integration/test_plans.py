@@ -145,8 +145,7 @@ async def _run_statements_planned_per_call(
     )
     await _store.job_release_claim(conn, st, worker_id=worker, claim_id=claim)
     await _store.job_get(conn, st, 1)
-    await _store.job_cancel_waiting(conn, st, job_ids=[1])
-    await _store.job_request_cancel_running(conn, st, job_ids=[1], channel="plans", payload="x")
+    await _store.job_cancel(conn, st, job_ids=[1], channel="plans", payload="x")
     await _store.status(conn, st)
     await _store.job_count_unfinished(conn, st, tasks=["plans.t"])
     await _store.worker_delete(

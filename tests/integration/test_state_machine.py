@@ -693,30 +693,26 @@ class JobStateMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.jobs)
     @rule(data=st.data())
     def queue_cancel(self, data: st.DataObject) -> None:
-        """As `Queue.cancel`: cancel the waiting jobs, then ask for the running ones."""
+        """As `Queue.cancel`: cancel the waiting jobs, and ask for the running ones."""
         anywhere = st.sampled_from([*sorted(self.jobs), UNKNOWN_ID])
         running = self._running()
         pick = st.one_of(st.sampled_from(running), anywhere) if running else anywhere
         ids = data.draw(st.lists(pick, min_size=1, max_size=3, unique=True), label="ids")
-        expected = sorted(i for i in ids if i in self.jobs and self.jobs[i].state in WAITING)
-        cancelled = self.db.call(
-            _store.job_cancel_waiting, self.db.conn, self.db.statements, job_ids=ids
-        )
-        assert cancelled == expected
-        for job_id in cancelled:
-            self.jobs[job_id].state = JobState.CANCELLED
-        expected = sorted(
+        waiting = sorted(i for i in ids if i in self.jobs and self.jobs[i].state in WAITING)
+        flagged = sorted(
             i for i in ids if i in self.jobs and self.jobs[i].state is JobState.RUNNING
         )
-        requested = self.db.call(
-            _store.job_request_cancel_running,
+        cancelled, requested = self.db.call(
+            _store.job_cancel,
             self.db.conn,
             self.db.statements,
-            job_ids=ids,  # all of them: the statement must skip what is not running
+            job_ids=ids,
             channel=self.db.channel,
             payload=CANCEL_PAYLOAD,
         )
-        assert requested == expected
+        assert (cancelled, requested) == (waiting, flagged)
+        for job_id in cancelled:
+            self.jobs[job_id].state = JobState.CANCELLED
         for job_id in requested:
             self.jobs[job_id].cancel_requested = True
 
@@ -1041,16 +1037,64 @@ async def test_job_whose_cancel_was_requested_is_not_run_again(
         spec = JobSpec(task="t", queue="default", priority=0, max_attempts=3, args="{}")
         job_id, _ = await _store.job_insert(conn, queue.statements, spec, channel=None)
         [first] = await _claim(queue, conn, WORKERS[0], FIRST_CLAIM)
-        requested = await _store.job_request_cancel_running(
+        requested = await _store.job_cancel(
             conn,
             queue.statements,
             job_ids=[job_id],
             channel=queue.channel,
             payload=CANCEL_PAYLOAD,
         )
-        assert requested == [job_id]
+        assert requested == ([], [job_id])
         await _lose(how, queue, conn, first, WORKERS[0])
         record = await _store.job_get(conn, queue.statements, job_id)
         assert record is not None
         assert record.state is JobState.CANCELLED
         assert await _claim(queue, conn, WORKERS[1], str(uuid.uuid4())) == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("how", [*RETURN_PATHS, pytest.param("retry", id="retry-outcome")])
+async def test_a_cancel_that_waits_for_a_running_job_cancels_what_its_worker_made_of_it(
+    queue: pgoutbox.Queue, database_dsn: str, how: str
+) -> None:
+    """The worker of a running job writes a retry, or lets the job go, while a cancel
+    waits for the job's row: the cancel sees the job waiting again and cancels it."""
+    async with (
+        await pgoutbox.connect(database_dsn, autocommit=True) as worker_conn,
+        await pgoutbox.connect(database_dsn, autocommit=True) as producer_conn,
+    ):
+        spec = JobSpec(task="t", queue="default", priority=0, max_attempts=3, args="{}")
+        job_id, _ = await _store.job_insert(worker_conn, queue.statements, spec, channel=None)
+        [job] = await _claim(queue, worker_conn, WORKERS[0], FIRST_CLAIM)
+        result: list[pgoutbox.CancelResult] = []
+
+        async def cancel() -> None:
+            result.append(await queue.cancel(producer_conn, job_id))
+
+        async with anyio.create_task_group() as tg, worker_conn.transaction():
+            if how == "retry":
+                retry = Outcome(job.id, job.attempt, JobState.RETRYABLE, 0.0, None, 0, job.claim_id)
+                written = await _store.job_set_outcome_many(worker_conn, queue.statements, [retry])
+                assert written == {(job.id, job.attempt)}
+            else:
+                await _lose(how, queue, worker_conn, job, WORKERS[0])
+            tg.start_soon(cancel)
+            await _until_waiting_for_a_lock(worker_conn, producer_conn.info.backend_pid)
+        assert result == [pgoutbox.CancelResult(cancelled=(job_id,), requested=())]
+        record = await _store.job_get(worker_conn, queue.statements, job_id)
+        assert record is not None
+        assert record.state is JobState.CANCELLED
+
+
+async def _until_waiting_for_a_lock(conn: pgoutbox.Connection[Any], pid: int) -> None:
+    """Wait (on the server, at most WAIT_SECONDS) until backend `pid` waits for a lock."""
+    await conn.execute(
+        sql.SQL(
+            "DO $$ BEGIN"
+            " WHILE NOT EXISTS (SELECT FROM pg_locks WHERE pid = {} AND NOT granted) LOOP"
+            " PERFORM pg_sleep(0.005);"
+            " IF clock_timestamp() > statement_timestamp() + interval '15 s' THEN"
+            " RAISE 'backend {} never waited for a lock'; END IF;"
+            " END LOOP; END $$"
+        ).format(sql.Literal(pid), sql.SQL(str(pid)))
+    )
