@@ -81,7 +81,9 @@ class JobContext:
         Raises:
             JobLostError: the job no longer runs under this attempt.
             PgoutboxError: a `transaction` block of this job is already open
-                (use its connection).
+                (use its connection), or the queue is being captured
+                (`pgoutbox.testing.capture`), which has no database.
+            RuntimeError: a `transaction` block already completed this job.
         """
         if self._completed:
             raise RuntimeError(f"job {self.id} was already completed by a transaction")

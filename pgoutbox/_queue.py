@@ -88,6 +88,11 @@ class Queue:
             throughput (about half, measured with 16 producers); with False,
             workers find jobs by polling (``poll_interval``) instead.
 
+    Attributes:
+        schema: the PostgreSQL schema of pgoutbox's tables.
+        channel: the NOTIFY channel, ``"<schema>_jobs"``.
+        notify: whether enqueues send a NOTIFY.
+
     Raises:
         ConfigurationError: the schema name is not a plain lower-case identifier.
     """
@@ -149,7 +154,7 @@ class Queue:
 
     @property
     def tasks(self) -> Mapping[str, Task[Any, Any]]:
-        """The registered tasks by name (read-only view)."""
+        """The registered tasks by name (a copy: changing it registers nothing)."""
         return dict(self._tasks)
 
     def get_task(self, name: str) -> Task[Any, Any]:
@@ -202,8 +207,8 @@ class Queue:
                 counted as failed; None for no limit.
 
         Raises:
-            ConfigurationError: an option is invalid, the name is taken, or a
-                parameter cannot be encoded.
+            ConfigurationError: the handler is not an ``async def`` function, an
+                option is invalid, the name is taken, or a parameter cannot be encoded.
         """
 
         def register(handler: Callable[..., Awaitable[Any]]) -> Task[Any, Any]:
@@ -254,7 +259,8 @@ class Queue:
         transaction commits; on an autocommit connection the single statement
         commits both at once. Enqueue never opens or commits a transaction.
         A job due more than a minute from now (`NOTIFY_WITHIN`) sends no
-        NOTIFY: workers find it at a poll before it is due.
+        NOTIFY: workers find it at a poll before it is due. Neither does any
+        job of a queue made with ``notify=False``.
 
         Args:
             conn: the caller's psycopg async connection.
@@ -424,6 +430,9 @@ class Queue:
 
         Returns:
             Which ids were cancelled and which were asked to stop.
+
+        Raises:
+            ConfigurationError: an id is not an integer; nothing is done.
         """
         for job_id in job_ids:
             if isinstance(job_id, bool) or not isinstance(job_id, int):

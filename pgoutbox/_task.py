@@ -239,7 +239,11 @@ class Task(Generic[P, R]):
             queue: another queue to put the job in.
             priority: another priority; higher runs first.
             delay: seconds from now (the database's clock) before the job may run.
-            run_at: an aware datetime before which the job does not run.
+            run_at: an aware datetime before which the job does not run; when a
+                copy has both, `run_at` decides and `delay` is ignored.
+
+        Raises:
+            ConfigurationError: an option is invalid.
         """
         if delay is not None:
             _validate_delay(self.name, delay)
@@ -353,7 +357,8 @@ class TaskRef(msgspec.Struct, frozen=True, kw_only=True):
         priority: higher runs first.
         max_attempts: attempts in all.
         delay: seconds from now before the job may run.
-        run_at: an aware datetime before which the job does not run.
+        run_at: an aware datetime before which the job does not run; with both
+            set, `run_at` decides and `delay` is ignored.
     """
 
     name: str

@@ -1,7 +1,8 @@
 """Errors pgoutbox raises to its callers.
 
-Every error raised by pgoutbox derives from `PgoutboxError`, so one ``except``
-catches them all; each message names what was wrong and how to fix it.
+The errors pgoutbox raises about your options, payloads, schema and jobs derive
+from `PgoutboxError`, so one ``except`` catches them all; each message names
+what was wrong and how to fix it.
 
 ```text
 PgoutboxError
@@ -16,6 +17,11 @@ PgoutboxError
 
 Signals that a *handler* raises to pgoutbox (retry, snooze, discard) live in
 `pgoutbox.signals`; they are not errors of pgoutbox's own.
+
+Misusing an object raises a built-in exception instead: `RuntimeError` for
+running a `Worker` twice, borrowing from a closed `Pool` or completing a job
+twice with `JobContext.transaction`; `ValueError` for an invalid ``after`` of
+`Retry` or `Snooze`. `testing.drain` raises `TimeoutError` when its time is up.
 """
 
 from __future__ import annotations
@@ -37,7 +43,9 @@ class PgoutboxError(Exception):
 
 
 class ConfigurationError(PgoutboxError, ValueError):
-    """An option given to `Queue`, `Queue.task`, `Task.options` or `Worker` is invalid.
+    """An option given to `Queue`, `Queue.task`, `Task.options`, `RetryPolicy`, `TaskRef`,
+    `Pool` or `Worker` is invalid; a `JobSpec` is malformed; an enqueue got a connection of
+    the wrong kind (sync or async); or no connection string is configured.
 
     Raised before anything touches the database; the message names the option,
     the value and what is accepted.
@@ -70,7 +78,7 @@ class PayloadError(PgoutboxError, ValueError):
 
 
 class SchemaError(PgoutboxError):
-    """The pgoutbox schema is missing, too old, or could not be migrated.
+    """The pgoutbox schema is missing, or older than this version of pgoutbox needs.
 
     Fix it with ``await queue.migrate()`` or ``python -m pgoutbox migrate``.
     """

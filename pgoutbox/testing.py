@@ -62,6 +62,7 @@ class CapturedJob:
         attempt: how many times it ran.
         max_attempts: the most attempts it gets (a snooze adds one).
         errors: the error of every failed attempt, oldest first.
+        created_at: when it was captured (UTC).
     """
 
     def __init__(self, job_id: int, spec: JobSpec) -> None:
@@ -93,7 +94,11 @@ class CapturedJob:
 
 
 class Capture:
-    """The jobs a queue enqueued while `capture` was active; see the module docs."""
+    """The jobs a queue enqueued while `capture` was active; see the module docs.
+
+    Attributes:
+        jobs: the captured jobs, in the order they were enqueued.
+    """
 
     def __init__(self, queue: Queue) -> None:
         self._queue = queue

@@ -147,8 +147,9 @@ class Worker:
             without ``max_prepared_statements``).
 
     A worker holds two connections: one for fetching and acknowledging, one
-    for LISTEN. It claims only the tasks registered on `queue`, so during a
-    rolling deploy an old worker never takes a task it does not know.
+    for LISTEN (and a third while it vacuums the jobs table). It claims only
+    the tasks registered on `queue`, so during a rolling deploy an old worker
+    never takes a task it does not know.
     """
 
     def __init__(
@@ -341,6 +342,7 @@ class Worker:
 
         Raises:
             SchemaError: the schema is missing or too old (nothing was run).
+            ConfigurationError: the queue has no connection string (nothing was run).
             RuntimeError: this worker already ran.
         """
         if self._started:
