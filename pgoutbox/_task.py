@@ -41,7 +41,10 @@ DEFAULT_MAX_ATTEMPTS: Final = 20
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:<>\-]{0,199}$")
 _PRIORITY_RANGE: Final = range(-32768, 32768)
-_MAX_INT32: Final = 2**31 - 1
+MAX_ATTEMPTS: Final = 1_000_000
+"""The most attempts a job may have. Each snooze, and each attempt a stopping
+worker gives back, raises a job's max_attempts by one: this leaves room for
+two billion of them in the column's integer."""
 MAX_DELAY: Final = 100 * 365 * 24 * 3600.0
 """The longest delay, retry wait or timeout, in seconds: a century; past that it is a mistake."""
 _RUN_AT_YEARS: Final = (1970, 9999)
@@ -485,9 +488,9 @@ def _check_headers(spec: JobSpec) -> None:
 
 
 def _validate_max_attempts(value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_INT32:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ATTEMPTS:
         raise ConfigurationError(
-            f"max_attempts must be an integer from 1 to {_MAX_INT32}, got {value!r}"
+            f"max_attempts must be an integer from 1 to {MAX_ATTEMPTS:_}, got {value!r}"
         )
 
 

@@ -175,6 +175,7 @@ class Worker:
             ("poll_interval", poll_interval),
             ("probe_interval", probe_interval),
             ("heartbeat_interval", heartbeat_interval),
+            ("heartbeat_timeout", heartbeat_timeout),
             ("maintenance_interval", maintenance_interval),
         ):
             if not seconds_in_range(value) or not value > 0:

@@ -58,6 +58,9 @@ def test_api_errors_share_one_root() -> None:
         ({"heartbeat_interval": "1"}, "heartbeat_interval"),
         ({"completed_retention": float("inf")}, "completed_retention"),
         ({"failed_retention": -1}, "failed_retention"),
+        # Past a century the rescue's interval overflows in every worker's maintenance.
+        ({"heartbeat_timeout": float("inf")}, "heartbeat_timeout"),
+        ({"heartbeat_timeout": 1e12}, "heartbeat_timeout"),
     ],
 )
 def test_worker_refuses_options_it_could_not_use(options: dict[str, object], match: str) -> None:

@@ -212,6 +212,9 @@ def test_retry_policy_retries_only_listed_exceptions() -> None:
     "options",
     [
         {"max_attempts": 0},
+        # A snooze adds an attempt: near the integer's limit it would overflow it.
+        {"max_attempts": 2**31 - 1},
+        {"max_attempts": 1_000_001},
         {"multiplier": 0.5},
         {"multiplier": float("inf")},
         {"jitter": 1.0},
