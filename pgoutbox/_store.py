@@ -700,8 +700,9 @@ async def status(conn: AnyConnection, st: Statements) -> QueueStatus:
     )
 
 
-async def job_count_unfinished(conn: AnyConnection, st: Statements, *, tasks: Sequence[str]) -> int:
-    """Jobs of these tasks running or due now."""
+async def job_count_unfinished(
+    conn: AnyConnection, st: Statements, *, tasks: Sequence[str]
+) -> dict[str, int]:
+    """Jobs of these tasks running or due now, by queue (queues with none are absent)."""
     cur = await _execute(conn, st.job_count_unfinished, {"tasks": list(tasks)})
-    row = await cur.fetchone()
-    return 0 if row is None else int(row[0])
+    return {str(queue): int(count) for queue, count in await cur.fetchall()}

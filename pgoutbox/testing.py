@@ -261,21 +261,28 @@ async def isolated(queue: Queue, *, conninfo: str | None = None) -> AsyncIterato
 async def drain(queue: Queue, *, timeout: float = 30.0, **worker_options: Any) -> None:  # noqa: ASYNC109
     """Run a worker until no job of `queue`'s tasks is running or due, then stop it.
 
+    The worker consumes the queues of the tasks and every queue that holds a
+    job of theirs when `drain` starts (a job sent elsewhere with
+    ``options(queue=...)``), unless `worker_options` name the `queues`.
+
     Args:
         queue: the queue whose jobs to run.
         timeout: seconds to wait at most; then `TimeoutError` is raised.
         **worker_options: passed to `Worker` (defaults poll every 50 ms).
     """
-    options: dict[str, Any] = {"poll_interval": 0.05, **worker_options}
-    worker = Worker(queue, **options)
     tasks = sorted(queue.tasks)
     with anyio.fail_after(timeout):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(worker.run)
-            async with queue._dedicated_connection() as conn:
+        async with queue._dedicated_connection() as conn:
+            options: dict[str, Any] = {"poll_interval": 0.05, **worker_options}
+            if "queues" not in options and tasks:
+                waiting = await _store.job_count_unfinished(conn, queue.statements, tasks=tasks)
+                options["queues"] = sorted({*waiting, *(t.queue for t in queue.tasks.values())})
+            worker = Worker(queue, **options)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(worker.run)
                 # The database is the only signal that everything finished.
                 while await _store.job_count_unfinished(  # noqa: ASYNC110
                     conn, queue.statements, tasks=tasks
                 ):
                     await anyio.sleep(0.05)
-            worker.stop()
+                worker.stop()

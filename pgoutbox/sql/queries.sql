@@ -304,6 +304,11 @@ SELECT
 -- wake the workers of the queues whose jobs can run again.
 -- One statement, so it never shares a transaction with other work on the
 -- worker's connection; the advisory lock lets one worker at a time do it.
+-- A job whose row another transaction holds (the dead worker's own
+-- exactly-once transaction, open on a server session that has not noticed
+-- its client is gone) is skipped, not waited for: the wait would hold the
+-- worker's shared connection past its heartbeat. A later round rescues it
+-- (its worker row is gone by then).
 WITH lock AS (
     SELECT pg_try_advisory_xact_lock(
         hashtextextended('pgoutbox.maintenance:' || %(schema)s, 0)
@@ -316,6 +321,14 @@ WITH lock AS (
       -- every worker a full timeout to come back before declaring it dead.
       AND pg_postmaster_start_time() < now() - heartbeat_timeout * interval '1 second'
     RETURNING id
+), lost AS (
+    SELECT j.id
+    FROM {schema}.jobs AS j
+    WHERE (SELECT held FROM lock)
+      AND j.state = 'running'
+      AND (j.worker_id IN (SELECT id FROM dead)
+           OR NOT EXISTS (SELECT 1 FROM {schema}.workers AS w WHERE w.id = j.worker_id))
+    FOR UPDATE OF j SKIP LOCKED
 ), rescued AS (
     UPDATE {schema}.jobs AS j
     SET state = CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
@@ -331,10 +344,7 @@ WITH lock AS (
             'type', 'pgoutbox.WorkerLost',
             'message', 'the worker running this attempt stopped sending heartbeats'
         ))
-    WHERE (SELECT held FROM lock)
-      AND j.state = 'running'
-      AND (j.worker_id IN (SELECT id FROM dead)
-           OR NOT EXISTS (SELECT 1 FROM {schema}.workers AS w WHERE w.id = j.worker_id))
+    WHERE j.id IN (SELECT id FROM lost)
     RETURNING j.id, j.queue, j.state
 ), notified AS (
     SELECT pg_notify(%(channel)s, q)
@@ -414,9 +424,11 @@ ORDER BY w.started_at
 
 -- name: job_count_unfinished
 -- plan: per call
--- Jobs of these tasks that are running or due now (what a drain waits for).
-SELECT count(*)
+-- Jobs of these tasks that are running or due now (what a drain waits for),
+-- by queue.
+SELECT queue, count(*)
 FROM {schema}.jobs
 WHERE task = ANY(%(tasks)s::text[])
   AND (state = 'running'
        OR (state IN ('scheduled', 'available', 'retryable') AND run_at <= now()))
+GROUP BY queue

@@ -157,6 +157,10 @@ class Heartbeat:
                 },
             )
             return
+        if self._changes_at_vacuum is not None and changes < self._changes_at_vacuum:
+            # The statistics were reset (pg_stat_reset, a crash of the server):
+            # count from where they start again.
+            self._changes_at_vacuum = None
         if due and (
             self._changes_at_vacuum is None
             or changes - self._changes_at_vacuum >= self._vacuum_threshold

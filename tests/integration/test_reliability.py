@@ -289,6 +289,40 @@ async def test_a_rescue_is_counted_before_the_rest_of_the_maintenance_round(
     assert heartbeat.rescued == 1
 
 
+async def test_rescue_skips_a_job_whose_row_another_transaction_holds(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    # The dead worker's exactly-once transaction may still be open on the server
+    # (its host vanished): the rescue must not wait for it on the worker's
+    # shared connection, but take the job once the row is free.
+    @queue.task
+    async def work(i: int) -> None: ...
+
+    async with conn.transaction():
+        job = await queue.enqueue(conn, work, 1)
+    await _run_under_a_dead_worker(queue, job.id)
+    st = queue.statements
+    async with queue.connection() as rescuer, await pgoutbox.connect(queue.conninfo) as holder:
+        await holder.execute(
+            sql.SQL("SELECT 1 FROM {} WHERE id = %s FOR UPDATE").format(
+                sql.Identifier(queue.schema, "jobs")
+            ),
+            [job.id],
+        )
+        await rescuer.execute("SET statement_timeout = '5s'")
+        try:
+            assert await _store.worker_rescue_expired(
+                rescuer, st, schema=queue.schema, channel=queue.channel
+            ) == (1, 0)
+            await holder.rollback()
+            assert await _store.worker_rescue_expired(
+                rescuer, st, schema=queue.schema, channel=queue.channel
+            ) == (0, 1)
+        finally:
+            await rescuer.execute("RESET statement_timeout")
+    assert (await _job(queue, job.id)).state is JobState.RETRYABLE
+
+
 async def test_rescue_of_last_attempt_fails_the_job(
     queue: Queue, conn: pgoutbox.Connection[Any]
 ) -> None:
@@ -656,6 +690,26 @@ async def test_maintenance_wakes_the_vacuumer_again_only_after_more_rows_changed
         await heartbeat._check_vacuum(c)
         assert not await due.wait(0)
         await _dead_rows(queue, 1)
+        await heartbeat._check_vacuum(c)
+        assert await due.wait(0)
+
+
+async def test_maintenance_wakes_the_vacuumer_after_the_statistics_were_reset(
+    queue: Queue,
+) -> None:
+    # The count of changed rows starts again from 0 (pg_stat_reset, a crash of
+    # the server): the worker must not wait for it to pass its old value.
+    due = Wakeup()
+    heartbeat = _maintenance_only(queue, vacuum_threshold=10, vacuum_due=due)
+    async with queue.connection() as c:
+        await _dead_rows(queue, 50)
+        await heartbeat._check_vacuum(c)
+        assert await due.wait(0)
+        await c.execute(
+            "SELECT pg_stat_reset_single_table_counters(%s::regclass)",
+            [f'"{queue.schema}".jobs'],
+        )
+        await _dead_rows(queue, 10)
         await heartbeat._check_vacuum(c)
         assert await due.wait(0)
 

@@ -57,3 +57,19 @@ async def test_drain_runs_everything_due(queue: Queue, conn: pgoutbox.Connection
             )
         )
         assert await cur.fetchone() == (20,)
+
+
+async def test_drain_runs_jobs_sent_to_another_queue(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    done: list[str] = []
+
+    @queue.task
+    async def work(where: str) -> None:
+        done.append(where)
+
+    async with conn.transaction():
+        await queue.enqueue(conn, work, "default")
+        await queue.enqueue(conn, work.options(queue="emails"), "emails")
+    await drain(queue, timeout=10)
+    assert sorted(done) == ["default", "emails"]
