@@ -8,14 +8,13 @@ from collections.abc import Collection, Sequence
 from typing import Final
 
 import anyio
-import psycopg
 from anyio.abc import TaskStatus
 
 from .. import _store
 from .._job import JobState, Outcome
 from .._sql import Statements
 from ..instrumentation import Instrumentation
-from ._link import Link
+from ._link import RECONNECT_ON, Link
 from ._wakeup import Wakeup
 
 __all__ = ["LINGER", "MAX_BATCH", "Completer"]
@@ -248,7 +247,7 @@ class Completer:
                         batch,
                         keep_completed=self._keep_completed,
                     )
-            except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as ex:
+            except RECONNECT_ON as ex:
                 await self._link.failed(conn, ex)
                 continue
             self._link.succeeded()

@@ -13,7 +13,7 @@ from anyio.abc import TaskStatus
 from .. import _store
 from .._connection import Connection
 from .._queue import Queue
-from ._link import Link
+from ._link import RECONNECT_ON, Link
 from ._wakeup import Wakeup
 
 __all__ = [
@@ -109,10 +109,14 @@ class Heartbeat:
             try:
                 with anyio.fail_after(STATEMENT_TIMEOUT):
                     await self._beat(conn)
+                    # With every slot busy on long jobs no fetch or write may come
+                    # for a long time: the beat is what tells the link it works
+                    # again, so that the next failure starts the backoff afresh.
+                    self._link.succeeded()
                     if anyio.current_time() >= next_maintenance:
                         next_maintenance = anyio.current_time() + self._maintenance_interval
                         await self._maintain(conn)
-            except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as ex:
+            except RECONNECT_ON as ex:
                 await self._link.failed(conn, ex)
 
     async def _beat(self, conn: Connection[Any]) -> None:
@@ -142,7 +146,7 @@ class Heartbeat:
                 schema=self._queue.schema,
                 threshold=self._vacuum_threshold,
             )
-        except (psycopg.OperationalError, psycopg.InterfaceError):
+        except RECONNECT_ON:
             raise  # the connection failed: the heartbeat reconnects
         except psycopg.Error as ex:
             # For example, statistics functions revoked: never vacuum, say so once.

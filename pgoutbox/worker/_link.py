@@ -12,7 +12,7 @@ import psycopg
 from .._backoff import Backoff
 from .._connection import Connection
 
-__all__ = ["CONNECTION_KWARGS", "Link"]
+__all__ = ["CONNECTION_KWARGS", "RECONNECT_ON", "Link"]
 
 logger = logging.getLogger("pgoutbox.worker")
 
@@ -24,6 +24,18 @@ CONNECTION_KWARGS: Final[dict[str, Any]] = {
     "keepalives_count": 3,
     "application_name": "pgoutbox-worker",
 }
+
+RECONNECT_ON: Final = (
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    # A read-only server: a standby after a failover, or a primary made
+    # read-only. A new connection may reach the new primary.
+    psycopg.errors.ReadOnlySqlTransaction,
+    TimeoutError,
+)
+"""Errors after which the fetch/ack connection is given up and opened again after
+a backoff: the connection broke, a statement took too long, or the server
+cannot write."""
 
 
 class Link:
@@ -74,6 +86,11 @@ class Link:
                     self._wait_before_connect = 0.0
                     self.pids.append(self._conn.info.backend_pid)
             return self._conn
+
+    def hurry(self) -> None:
+        """Make the next connection attempt at once, whatever the backoff (for the
+        worker's last, bounded step); a failure then waits again."""
+        self._wait_before_connect = 0.0
 
     def succeeded(self) -> None:
         """A statement succeeded: the next failure starts the backoff afresh."""

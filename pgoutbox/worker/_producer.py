@@ -12,14 +12,13 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import anyio
-import psycopg
 
 from .. import _store
 from .._connection import Connection
 from .._job import ClaimedJob
 from .._queue import Queue
 from ._completer import Completer
-from ._link import Link
+from ._link import RECONNECT_ON, Link
 from ._wakeup import Wakeup
 
 __all__ = ["FETCH_DEBOUNCE", "FETCH_TIMEOUT", "Feed", "Producer", "Slots"]
@@ -260,7 +259,7 @@ class Producer:
                     completed=completed,
                     keep_completed=self._keep_completed,
                 )
-        except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as ex:
+        except RECONNECT_ON as ex:
             self._completer.give_back(completed)
             self._unconfirmed.append(_Unconfirmed(claim_id, key))
             await self._link.failed(conn, ex)
@@ -292,7 +291,7 @@ class Producer:
                         conn, self._queue.statements, key=key, idle_timeout=self._idle_timeout
                     ):
                         break
-        except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as ex:
+        except RECONNECT_ON as ex:
             await self._link.failed(conn, ex)
             return None
         self._session_lock = (conn, key)
@@ -342,7 +341,7 @@ class Producer:
                                 "count": released,
                             },
                         )
-        except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as ex:
+        except RECONNECT_ON as ex:
             await self._link.failed(conn, ex)
             return False
         for lost in self._unconfirmed:  # their sessions go on

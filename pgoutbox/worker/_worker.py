@@ -31,7 +31,7 @@ from ._heartbeat import (
     DEFAULT_MAINTENANCE_INTERVAL,
     Heartbeat,
 )
-from ._link import Link
+from ._link import RECONNECT_ON, Link
 from ._listener import DEFAULT_PROBE_INTERVAL, Listener
 from ._producer import Feed, Producer, Slots
 from ._vacuum import DEFAULT_VACUUM_THRESHOLD, Vacuumer
@@ -301,6 +301,7 @@ class Worker:
             ),
         )
         self._producer_scope: anyio.CancelScope | None = None
+        self._start_scope: anyio.CancelScope | None = None
         self._stopping = False
         self._started = False
         self._registered = False
@@ -335,6 +336,8 @@ class Worker:
         are cancelled and returned to the queue.
         """
         self._stopping = True
+        if self._start_scope is not None:
+            self._start_scope.cancel()  # still connecting: nothing runs yet
         if self._producer_scope is not None:
             self._producer_scope.cancel()
 
@@ -350,47 +353,65 @@ class Worker:
             raise RuntimeError("a Worker runs once; create a new one")
         self._started = True
         try:
-            await self._start()
-            logger.info(
-                "worker started",
-                extra={
-                    "event": "worker.started",
-                    "worker_id": self.id,
-                    "queues": self.queues,
-                    "concurrency": self.concurrency,
-                },
-            )
-            async with anyio.create_task_group() as services:
-                await services.start(self._listener.run)
-                await services.start(self._heartbeat.run)
-                await services.start(self._vacuumer.run)
-                async with anyio.create_task_group() as acks:
-                    await acks.start(self._completer.run)
-                    # One long-lived executor task per slot, fed by the producer:
-                    # cheaper than a new task (and cancel scope) per job.
-                    feed = Feed()
-                    try:
-                        async with anyio.create_task_group() as jobs:
-                            for _ in range(self.concurrency):
-                                jobs.start_soon(self._execute, feed)
-                            with anyio.CancelScope() as self._producer_scope:
-                                if not self._stopping:
-                                    await self._producer.run(feed.put)
-                            await self._drain(jobs)
-                    finally:
-                        self._completer.close()
-                    acks.cancel_scope.deadline = anyio.current_time() + CLEANUP_TIMEOUT
-                services.cancel_scope.cancel()
+            with anyio.CancelScope() as self._start_scope:
+                if not self._stopping:
+                    await self._start()
+            self._start_scope = None
+            if self._registered:  # not stopped while still connecting
+                await self._serve()
         finally:
             with anyio.CancelScope(shield=True):
                 await self._cleanup()
         logger.info("worker stopped", extra={"event": "worker.stopped", "worker_id": self.id})
 
+    async def _serve(self) -> None:
+        """Run the services and the executors until stopped, then drain."""
+        logger.info(
+            "worker started",
+            extra={
+                "event": "worker.started",
+                "worker_id": self.id,
+                "queues": self.queues,
+                "concurrency": self.concurrency,
+            },
+        )
+        async with anyio.create_task_group() as services:
+            await services.start(self._listener.run)
+            await services.start(self._heartbeat.run)
+            await services.start(self._vacuumer.run)
+            async with anyio.create_task_group() as acks:
+                await acks.start(self._completer.run)
+                # One long-lived executor task per slot, fed by the producer:
+                # cheaper than a new task (and cancel scope) per job.
+                feed = Feed()
+                try:
+                    async with anyio.create_task_group() as jobs:
+                        for _ in range(self.concurrency):
+                            jobs.start_soon(self._execute, feed)
+                        with anyio.CancelScope() as self._producer_scope:
+                            if not self._stopping:
+                                await self._producer.run(feed.put)
+                        await self._drain(jobs)
+                finally:
+                    self._completer.close()
+                acks.cancel_scope.deadline = anyio.current_time() + CLEANUP_TIMEOUT
+            services.cancel_scope.cancel()
+
     async def _start(self) -> None:
-        conn = await self._link.get()
-        await self.queue.check_schema(conn)
-        await self._register(conn)
-        self._registered = True
+        """Connect, check the schema and register, retrying after connection failures
+        (a read-only server too: after a failover the next connection may reach the
+        new primary)."""
+        while True:
+            conn = await self._link.get()
+            try:
+                await self.queue.check_schema(conn)
+                await self._register(conn)
+            except RECONNECT_ON as ex:
+                await self._link.failed(conn, ex)
+                continue
+            self._link.succeeded()
+            self._registered = True
+            return
 
     async def _register(self, conn: Connection[Any]) -> None:
         await _store.worker_register(
@@ -526,7 +547,9 @@ class Worker:
     async def _cleanup(self) -> None:
         """Flush what outcomes are left, unregister, close connections: bounded."""
         pending = self._completer.take_pending()
-        with anyio.move_on_after(CLEANUP_TIMEOUT):
+        # Try at once: a backoff left from an earlier failure would eat the bound.
+        self._link.hurry()
+        with anyio.move_on_after(CLEANUP_TIMEOUT) as bounded:
             try:
                 if not self._registered:
                     return
@@ -557,7 +580,22 @@ class Worker:
                 logger.warning(
                     "could not unregister the worker: %s",
                     type(ex).__name__,
-                    extra={"event": "worker.unregister_failed", "worker_id": self.id},
+                    extra={
+                        "event": "worker.unregister_failed",
+                        "worker_id": self.id,
+                        "error": type(ex).__name__,
+                    },
                 )
             finally:
                 await self._link.close()
+        if bounded.cancelled_caught:
+            logger.warning(
+                "could not unregister the worker within %.0f s: its running jobs wait for a "
+                "rescue once its heartbeat expires",
+                CLEANUP_TIMEOUT,
+                extra={
+                    "event": "worker.unregister_failed",
+                    "worker_id": self.id,
+                    "error": "TimeoutError",
+                },
+            )

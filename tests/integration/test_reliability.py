@@ -24,7 +24,7 @@ from pgoutbox import (
     current_job,
 )
 from pgoutbox._job import ClaimedJob, Outcome
-from pgoutbox.worker import _completer, _heartbeat, _listener, _producer
+from pgoutbox.worker import _completer, _heartbeat, _link, _listener, _producer
 from pgoutbox.worker import _worker as _worker_module
 from pgoutbox.worker._heartbeat import Heartbeat
 from pgoutbox.worker._vacuum import Vacuumer
@@ -1306,3 +1306,88 @@ async def test_rescue_gives_workers_a_full_timeout_after_the_server_started(
     ) == (1, 0)
     cur = await conn.execute(sql.SQL("SELECT id::text FROM {}").format(workers))
     assert await cur.fetchall() == [(waiting_for,)]
+
+
+async def test_a_heartbeat_tells_the_link_the_database_works_again(queue: Queue) -> None:
+    # With every slot busy on long jobs, no fetch or write comes: after an
+    # outage only the heartbeat can end the backoff, or the next blip would
+    # keep the worker away for the longest wait (30 s, past its heartbeat).
+    link = _link.Link(lambda: queue.conninfo)
+    for _ in range(8):
+        link._note_failure(RuntimeError("an outage"))
+    link.hurry()
+    beats = Recorder()
+
+    async def register(conn: Any) -> None:  # the row is never written: every beat calls this
+        beats.record(conn)
+
+    heartbeat = Heartbeat(
+        link,
+        queue,
+        str(uuid.uuid4()),
+        register=register,
+        on_cancel=lambda ids: None,
+        cancel_hint=Wakeup(),
+        interval=0.01,
+        maintenance_interval=3600.0,
+        completed_retention=3600.0,
+        failed_retention=3600.0,
+    )
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(heartbeat.run)
+            await beats.wait_for(2)  # the first beat has ended
+            tg.cancel_scope.cancel()
+        assert link._backoff.failures == 0
+    finally:
+        await link.close()
+
+
+async def test_a_worker_on_a_read_only_server_backs_off_and_stops_when_asked(
+    queue: Queue,
+) -> None:
+    # As a standby after a failover: the statements fail with
+    # ReadOnlySqlTransaction. The worker must reconnect (the next connection may
+    # reach the new primary), not crash; and a stop must not wait for it to get in.
+    read_only = Queue(
+        queue.conninfo + " options='-c default_transaction_read_only=on'", schema=queue.schema
+    )
+
+    @read_only.task
+    async def work() -> None: ...
+
+    try:
+        worker = Worker(read_only, poll_interval=0.05)
+        with watching_logs() as logs:
+            async with running(worker):
+                await logs.wait_for_event("worker.connection_failed")
+        assert await count_jobs(queue) == 0
+        async with queue.connection() as c:
+            cur = await c.execute(
+                sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(queue.schema, "workers"))
+            )
+            assert await cur.fetchone() == (0,)
+    finally:
+        await read_only.aclose()
+
+
+async def test_a_stop_that_cannot_unregister_in_time_says_so(
+    queue: Queue, conn: pgoutbox.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_worker_module, "CLEANUP_TIMEOUT", 0.5)
+
+    @queue.task
+    async def work() -> None: ...
+
+    worker = Worker(queue, poll_interval=0.05)
+    with watching_logs() as logs:
+        async with running(worker):
+            await logs.wait_for_event("worker.started")
+            # The database goes away: every new connection is refused.
+            monkeypatch.setattr(queue, "_conninfo", "host=127.0.0.1 port=1 connect_timeout=1")
+            await conn.execute("SELECT pg_terminate_backend(%s)", [worker._link.pids[-1]])
+            await conn.commit()
+            await logs.wait_for_event("worker.connection_failed")
+        await logs.wait_for_event("worker.unregister_failed")
+    [record] = [r for r in logs.records if getattr(r, "event", None) == "worker.unregister_failed"]
+    assert record.error == "TimeoutError"  # type: ignore[attr-defined]
