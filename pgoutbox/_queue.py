@@ -19,6 +19,7 @@ from typing import Any, Final, ParamSpec, Protocol, Self, TypeVar, overload
 
 import msgspec
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from . import _store
 from ._connection import Connection
@@ -68,6 +69,23 @@ class ConnectionSource(Protocol):
     def connection(self) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
         """Borrow a connection for the duration of the block."""
         ...
+
+
+def _checked_conninfo(conninfo: str) -> str:
+    """`conninfo` if libpq can read it; else a `ConfigurationError` that does not quote
+    it (libpq's own messages quote the text around the mistake, which may be a
+    password)."""
+    try:
+        parsed = conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError:
+        raise ConfigurationError(
+            "the connection string is not valid libpq syntax (not shown: it may hold a password)"
+        ) from None
+    if conninfo.startswith(("postgresql://", "postgres://")) and "@" in str(parsed.get("host", "")):
+        raise ConfigurationError(
+            "the connection URI's host holds '@': write '@' in a user name or password as %40"
+        )
+    return conninfo
 
 
 class Queue:
@@ -134,13 +152,24 @@ class Queue:
 
     @property
     def conninfo(self) -> str:
-        """The connection string: as given, else ``$PGOUTBOX_DSN``, else the pool's."""
-        found = self._conninfo or os.environ.get(DSN_ENV) or getattr(self._pool, "conninfo", None)
+        """The connection string: as given, else ``$PGOUTBOX_DSN``, else the pool's.
+
+        Raises:
+            ConfigurationError: there is none, or it is not a valid libpq
+                connection string (the message does not quote it: it may hold a
+                password).
+        """
+        found = self._conninfo_if_any()
         if not found:
             raise ConfigurationError(
                 f"no database to connect to: pass Queue(conninfo=...) or set {DSN_ENV}"
             )
-        return str(found)
+        return _checked_conninfo(found)
+
+    def _conninfo_if_any(self) -> str | None:
+        """The connection string as configured, unchecked; None if there is none."""
+        found = self._conninfo or os.environ.get(DSN_ENV) or getattr(self._pool, "conninfo", None)
+        return str(found) if found else None
 
     def use_pool(self, pool: ConnectionSource | None) -> None:
         """Lend connections from `pool` from now on (None: pgoutbox's own pool).

@@ -563,7 +563,15 @@ async def worker_delete(
 
 
 async def listen(conn: AnyConnection, channel: str) -> None:
-    """LISTEN on `channel` (an identifier, composed safely)."""
+    """LISTEN on `channel` (an identifier, composed safely).
+
+    The session waits, idle, by design: an `idle_session_timeout` set for the
+    database or role (PostgreSQL 14 and later) would end it again and again, so
+    it is turned off for this session. Keepalives and the listener's probes
+    notice a lost peer instead.
+    """
+    if conn.info.server_version >= 140000:
+        await _execute(conn, "SET idle_session_timeout = 0")
     await _execute(conn, sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
 
 

@@ -19,7 +19,6 @@ from .._cli import (
 )
 from .._queue import DSN_ENV, Queue
 from ..embedded import dsn_or_embedded
-from ..errors import ConfigurationError
 from ._worker import (
     DEFAULT_COMPLETED_RETENTION,
     DEFAULT_CONCURRENCY,
@@ -131,11 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _has_database(queue: Queue) -> bool:
-    try:
-        _ = queue.conninfo
-    except ConfigurationError:
-        return False
-    return True
+    return queue._conninfo_if_any() is not None
 
 
 if __name__ == "__main__":

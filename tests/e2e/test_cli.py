@@ -242,6 +242,16 @@ def _run_worker(cwd: Path, database_dsn: str, *args: str) -> subprocess.Complete
     )
 
 
+def test_cli_worker_refuses_a_malformed_dsn_without_echoing_it(
+    app: tuple[Path, str, str],
+) -> None:
+    cwd, _schema, _channel = app
+    result = _run_worker(cwd, "host=127.0.0.1 password=S3cret PW")
+    assert result.returncode == 2
+    assert "not valid libpq syntax" in result.stderr
+    assert "S3cret" not in result.stderr + result.stdout
+
+
 def test_cli_worker_refuses_unmigrated_schema(
     app: tuple[Path, str, str], database_dsn: str
 ) -> None:

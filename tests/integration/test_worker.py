@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 import pgoutbox
-from pgoutbox import JobState, Queue, RetryPolicy, Worker
+from pgoutbox import JobState, Queue, RetryPolicy, Worker, _store
 from pgoutbox.worker import _listener
 
 from ._running import WAIT_TIMEOUT, Recorder, count_jobs, running, watching_logs
@@ -531,3 +531,14 @@ async def test_worker_without_prepared_statements_for_transaction_poolers(
         assert fetch_conn.prepare_threshold is None
     async with running(prepared):
         assert (await prepared._link.get()).prepare_threshold == 5
+
+
+async def test_the_listen_session_is_not_ended_for_idleness(database_dsn: str) -> None:
+    # A database or role with a short idle_session_timeout (PostgreSQL 14 and
+    # later) ended the waiting LISTEN session again and again.
+    async with await pgoutbox.connect(
+        database_dsn + " options='-c idle_session_timeout=1000'", autocommit=True
+    ) as conn:
+        await _store.listen(conn, "pgoutbox_idle_test")
+        cur = await conn.execute("SHOW idle_session_timeout")
+        assert await cur.fetchone() == ("0",)

@@ -284,6 +284,21 @@ def test_queue_without_dsn_says_how_to_fix(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 @pytest.mark.parametrize(
+    ("dsn", "match"),
+    [
+        ("host=127.0.0.1 password=S3cret PW", "not valid libpq syntax"),
+        ("postgresql://bob:S3cret@PW@127.0.0.1:5432/db", "%40"),
+    ],
+)
+def test_queue_refuses_a_malformed_dsn_without_quoting_it(dsn: str, match: str) -> None:
+    # libpq's messages quote the text around the mistake: here, the password.
+    with pytest.raises(ConfigurationError, match=match) as raised:
+        _ = Queue(dsn, schema="unit").conninfo
+    assert "S3cret" not in str(raised.value)
+    assert "PW" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
     "value", ["\ud800", "a\x00b", float("nan"), [[[[]]]] * 1], ids=["surrogate", "nul", "nan", "ok"]
 )
 def test_task_encode_refuses_what_postgres_or_the_worker_cannot_take(value: object) -> None:
