@@ -340,7 +340,8 @@ WITH lock AS (
         worker_id = NULL,
         errors = array_append(j.errors, jsonb_build_object(
             'attempt', j.attempt,
-            'at', now(),
+            -- In UTC, whatever the session's TimeZone, as the worker writes it.
+            'at', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
             'type', 'pgoutbox.WorkerLost',
             'message', 'the worker running this attempt stopped sending heartbeats'
         ))

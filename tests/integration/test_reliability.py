@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import anyio
@@ -321,6 +322,24 @@ async def test_rescue_skips_a_job_whose_row_another_transaction_holds(
         finally:
             await rescuer.execute("RESET statement_timeout")
     assert (await _job(queue, job.id)).state is JobState.RETRYABLE
+
+
+async def test_a_rescue_records_when_in_utc_whatever_the_session_time_zone(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    @queue.task
+    async def work(i: int) -> None: ...
+
+    async with conn.transaction():
+        job = await queue.enqueue(conn, work, 1)
+    await _run_under_a_dead_worker(queue, job.id)
+    async with await pgoutbox.connect(queue.conninfo, autocommit=True) as rescuer:
+        await rescuer.execute("SET TimeZone = 'America/St_Johns'")  # -03:30 or -02:30
+        assert await _store.worker_rescue_expired(
+            rescuer, queue.statements, schema=queue.schema, channel=queue.channel
+        ) == (1, 1)
+    [error] = (await _job(queue, job.id)).errors
+    assert error.at.utcoffset() == timedelta(0)
 
 
 async def test_rescue_of_last_attempt_fails_the_job(
