@@ -74,6 +74,7 @@ class PrometheusInstrumentation(Instrumentation):
             ["queue"],
             registry=registry,
         )
+        self._jobs_labels: set[tuple[str, str]] = set()  # as of the last collect_queue_states
 
     def job_finished(self, job: JobContext, state: JobState, duration: float) -> None:
         """Count the attempt and observe its duration."""
@@ -95,9 +96,17 @@ class PrometheusInstrumentation(Instrumentation):
     async def collect_queue_states(self, queue: Queue) -> None:
         """Set the per-queue gauges from the database (runs `Queue.status`)."""
         report = await queue.status()
-        self.jobs.clear()  # queues with no jobs left drop out instead of keeping old values
-        self.oldest_due.clear()
+        # Set the new values first, then drop the queues that have no jobs left:
+        # a scrape (from another thread) in between sees old or new values,
+        # never none.
+        jobs: set[tuple[str, str]] = set()
         for counts in report.queues:
             for state in JobState:
                 self.jobs.labels(counts.queue, state.value).set(counts.counts.get(state, 0))
+                jobs.add((counts.queue, state.value))
             self.oldest_due.labels(counts.queue).set(counts.oldest_due_age or 0.0)
+        for queue_name, state_name in self._jobs_labels - jobs:
+            self.jobs.remove(queue_name, state_name)
+        for queue_name in {q for q, _ in self._jobs_labels} - {q for q, _ in jobs}:
+            self.oldest_due.remove(queue_name)
+        self._jobs_labels = jobs

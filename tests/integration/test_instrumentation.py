@@ -10,6 +10,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry
+from psycopg import sql
 
 import pgoutbox
 from pgoutbox import Queue, RetryPolicy, Worker, current_job
@@ -98,3 +99,46 @@ async def test_prometheus_counts_attempts_batches_and_queue_states(
     assert sample("pgoutbox_jobs", {"queue": "default", "state": "completed"}) == 3
     assert sample("pgoutbox_jobs", {"queue": "default", "state": "failed"}) == 1
     assert sample("pgoutbox_jobs", {"queue": "default", "state": "available"}) == 0
+
+
+async def test_prometheus_queue_states_never_vanish_while_they_are_collected(
+    queue: Queue, conn: pgoutbox.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A scrape runs in another thread: one between dropping the old series and
+    # setting the new ones saw no series at all.
+    registry = CollectorRegistry()
+    metrics = PrometheusInstrumentation(registry)
+
+    @queue.task
+    async def work() -> None: ...
+
+    async with conn.transaction():
+        await queue.enqueue(conn, work)
+        gone = await queue.enqueue(conn, work.options(queue="gone"))
+    await metrics.collect_queue_states(queue)
+    available = {"queue": "default", "state": "available"}
+    assert registry.get_sample_value("pgoutbox_jobs", available) == 1
+    async with conn.transaction():
+        await queue.cancel(conn, gone.id)
+    await conn.execute(
+        sql.SQL("DELETE FROM {} WHERE queue = 'gone'").format(sql.Identifier(queue.schema, "jobs"))
+    )
+    await conn.commit()
+    scraped: list[float | None] = []
+    set_value = metrics.jobs.labels
+
+    def labels(*values: str) -> Any:
+        scraped.append(registry.get_sample_value("pgoutbox_jobs", available))
+        return set_value(*values)
+
+    monkeypatch.setattr(metrics.jobs, "labels", labels)
+    await metrics.collect_queue_states(queue)
+    assert scraped
+    assert None not in scraped
+    assert registry.get_sample_value("pgoutbox_jobs", available) == 1
+    assert (
+        registry.get_sample_value("pgoutbox_jobs", {"queue": "gone", "state": "cancelled"}) is None
+    )
+    assert (
+        registry.get_sample_value("pgoutbox_oldest_due_job_age_seconds", {"queue": "gone"}) is None
+    )
