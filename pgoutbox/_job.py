@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Final
 
@@ -25,11 +25,12 @@ __all__ = [
 
 
 NOTIFY_WITHIN: Final = 60.0
-"""Seconds: a job due within this long of its enqueue sends a NOTIFY (unless the
-queue's `notify` is off). A worker woken for a job that is not due yet learns
-its due time from the fetch and sleeps until then, so the job starts on time
-even in a worker that polls rarely. A job due later is found by a worker's
-poll before it is due, as long as the worker's `poll_interval` is no longer."""
+"""Seconds: a job due within this long of the statement that enqueues it sends a
+NOTIFY (unless the queue's `notify` is off). A worker woken for a job that is
+not due yet learns its due time from the fetch and sleeps until then, so the
+job starts on time even in a worker that polls rarely. A job due later is found
+by a worker's poll before it is due, as long as the worker's `poll_interval` is
+no longer."""
 
 
 class JobState(StrEnum):
@@ -203,13 +204,7 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
 
     def due_now(self) -> bool:
         """Whether the job may run at once (it is then inserted ``available``)."""
-        return self.due_within(0.0)
-
-    def due_within(self, seconds: float) -> bool:
-        """Whether the job may run within `seconds` from now (by the producer's clock)."""
-        return self.delay <= seconds and (
-            self.run_at is None or self.run_at <= datetime.now(UTC) + timedelta(seconds=seconds)
-        )
+        return self.delay <= 0 and (self.run_at is None or self.run_at <= datetime.now(UTC))
 
 
 class QueueCounts(msgspec.Struct, frozen=True, kw_only=True):

@@ -172,8 +172,9 @@ def _job_insert_query(
         "delay": float(spec.delay),
         "state": "available" if spec.due_now() else "scheduled",
     }
-    if channel is not None and spec.due_within(NOTIFY_WITHIN):
+    if channel is not None:
         params["channel"] = channel
+        params["notify_within"] = NOTIFY_WITHIN
         return st.job_insert_notify, params
     return st.job_insert, params
 
@@ -244,16 +245,14 @@ def _job_insert_many_query(
                 "args": "[" + ",".join([s.args for s in specs]) + "]",
                 "count": len(specs),
                 "channel": channel or "",
-                "notify": channel is not None and first.due_within(NOTIFY_WITHIN),
+                "notify": channel is not None,
+                "notify_within": NOTIFY_WITHIN,
             },
             True,
         )
     rows: list[_InsertRow] = []
-    notify_queues: set[str] = set()
     for s in specs:
         due = s.due_now()
-        if channel is not None and s.due_within(NOTIFY_WITHIN):
-            notify_queues.add(s.queue)
         rows.append(
             _InsertRow(
                 queue=s.queue,
@@ -272,7 +271,8 @@ def _job_insert_many_query(
         {
             "jobs": _encode_rows(rows).decode(),
             "channel": channel or "",
-            "notify_queues": sorted(notify_queues),
+            "notify": channel is not None,
+            "notify_within": NOTIFY_WITHIN,
         },
         False,
     )
@@ -711,6 +711,7 @@ async def status(conn: AnyConnection, st: Statements) -> QueueStatus:
 async def job_count_unfinished(
     conn: AnyConnection, st: Statements, *, tasks: Sequence[str]
 ) -> dict[str, int]:
-    """Jobs of these tasks running or due now, by queue (queues with none are absent)."""
+    """Jobs of these tasks running or due now, by queue: every queue that holds an
+    unfinished job of theirs, due or not (0 if none is due); others are absent."""
     cur = await _execute(conn, st.job_count_unfinished, {"tasks": list(tasks)})
     return {str(queue): int(count) for queue, count in await cur.fetchall()}

@@ -40,8 +40,10 @@ VALUES (
 RETURNING id, run_at
 
 -- name: job_insert_notify
--- job_insert with its wake-up: for a job due at once, or soon (a worker that
--- wakes for a delayed job learns when it is due, and sleeps until then).
+-- job_insert with its wake-up, for a job due within `notify_within` seconds
+-- (a worker that wakes for a delayed job learns when it is due, and sleeps
+-- until then). Decided here, from the row: a delay counts from the start of
+-- the transaction, which may be long past, and the producer's clock may differ.
 WITH job AS (
     INSERT INTO {schema}.jobs (queue, task, args, priority, state, max_attempts, run_at, headers)
     VALUES (
@@ -52,13 +54,17 @@ WITH job AS (
     )
     RETURNING id, run_at
 )
-SELECT job.id, job.run_at, pg_notify(%(channel)s, %(queue)s) FROM job
+SELECT job.id, job.run_at,
+       CASE WHEN job.run_at <= clock_timestamp() + %(notify_within)s::float8 * interval '1 second'
+            THEN pg_notify(%(channel)s, %(queue)s) END
+FROM job
 
 -- name: job_insert_many
 -- The jobs come as one JSON array of objects: encoded by the client in one
 -- call and parsed by the server in one pass, which costs far less than one
 -- text array per column. Absent keys are NULL (delay: 0). Rows come back in
--- input order: identity values follow the array order.
+-- input order: identity values follow the array order. With `notify`, each
+-- queue with a job due within `notify_within` seconds gets one NOTIFY.
 WITH jobs AS (
     INSERT INTO {schema}.jobs (queue, task, args, priority, state, max_attempts, run_at, headers)
     SELECT u.queue, u.task, u.args::jsonb, u.priority, u.state::{schema}.job_state,
@@ -69,9 +75,13 @@ WITH jobs AS (
         queue text, task text, args json, priority smallint, state text,
         max_attempts integer, run_at timestamptz, delay float8, headers json
     )
-    RETURNING id, run_at
+    RETURNING id, run_at, queue
 ), notified AS (
-    SELECT pg_notify(%(channel)s, q) FROM unnest(%(notify_queues)s::text[]) AS q
+    SELECT pg_notify(%(channel)s, q)
+    FROM (SELECT DISTINCT queue FROM jobs
+          WHERE %(notify)s
+            AND run_at <= clock_timestamp() + %(notify_within)s::float8 * interval '1 second'
+         ) AS n(q)
 )
 SELECT id, run_at, (SELECT count(*) FROM notified) FROM jobs ORDER BY id
 
@@ -100,7 +110,10 @@ WITH jobs AS (
     ORDER BY a.n
     RETURNING id
 ), notified AS (
-    SELECT pg_notify(%(channel)s, %(queue)s::text) WHERE %(notify)s
+    SELECT pg_notify(%(channel)s, %(queue)s::text)
+    WHERE %(notify)s
+      AND coalesce(%(run_at)s::timestamptz, now() + %(delay)s::float8 * interval '1 second')
+          <= clock_timestamp() + %(notify_within)s::float8 * interval '1 second'
 )
 (SELECT id, NULL::timestamptz FROM jobs ORDER BY id)
 UNION ALL
@@ -425,11 +438,11 @@ ORDER BY w.started_at
 
 -- name: job_count_unfinished
 -- plan: per call
--- Jobs of these tasks that are running or due now (what a drain waits for),
--- by queue.
-SELECT queue, count(*)
+-- By queue, for the queues that hold unfinished jobs of these tasks: how many
+-- are running or due now (what a drain waits for).
+SELECT queue,
+       count(*) FILTER (WHERE state = 'running' OR run_at <= now())
 FROM {schema}.jobs
 WHERE task = ANY(%(tasks)s::text[])
-  AND (state = 'running'
-       OR (state IN ('scheduled', 'available', 'retryable') AND run_at <= now()))
+  AND state IN ('scheduled', 'available', 'retryable', 'running')
 GROUP BY queue

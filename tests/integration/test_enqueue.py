@@ -134,7 +134,12 @@ async def test_enqueue_of_a_job_due_within_a_minute_notifies(
     async def send(to: str) -> None: ...
 
     soon = datetime.now(UTC) + timedelta(seconds=59)
-    tasks = [send.options(delay=59), send.options(run_at=soon)]
+    # With both, run_at decides when the job is due.
+    tasks = [
+        send.options(delay=59),
+        send.options(run_at=soon),
+        send.options(delay=300, run_at=soon),
+    ]
     listener = await _listen(database_dsn, queue.channel)
     try:
         for task in tasks:
@@ -144,10 +149,10 @@ async def test_enqueue_of_a_job_due_within_a_minute_notifies(
             else:
                 async with conn.transaction():
                     await queue.enqueue(conn, task, "a@example.com")
-        assert await _notifications(listener, 5.0, stop_after=2) == ["mail", "mail"]
+        assert await _notifications(listener, 5.0, stop_after=3) == ["mail"] * 3
     finally:
         await listener.close()
-    assert await count_jobs(queue, "state = 'scheduled' AND run_at > now() + interval '50 s'") == 2
+    assert await count_jobs(queue, "state = 'scheduled' AND run_at > now() + interval '50 s'") == 3
 
 
 async def test_enqueue_on_autocommit_connection_is_one_atomic_statement(
