@@ -45,7 +45,7 @@ class PgoutboxError(Exception):
 class ConfigurationError(PgoutboxError, ValueError):
     """An option given to `Queue`, `Queue.task`, `Task.options`, `RetryPolicy`, `TaskRef`,
     `Pool` or `Worker` is invalid; a `JobSpec` is malformed; an enqueue got a connection of
-    the wrong kind (sync or async); or no connection string is configured.
+    the wrong kind (sync or async); or no connection string is configured, or it is malformed.
 
     Raised before anything touches the database; the message names the option,
     the value and what is accepted.

@@ -70,6 +70,10 @@ longer (a worker stalled that long is declared dead anyway)."""
 CLEANUP_TIMEOUT: Final = 10.0
 """Seconds allowed for the final flush of outcomes and unregistering at shutdown."""
 
+START_TIMEOUT: Final = 10.0
+"""Seconds the schema check and the registration may take before the connection
+is deemed dead (then retried)."""
+
 
 _NO_RUN: Final = object()
 """Stands for "no run of this job here" in `Worker._newest_claim` look-ups."""
@@ -346,7 +350,8 @@ class Worker:
 
         Raises:
             SchemaError: the schema is missing or too old (nothing was run).
-            ConfigurationError: the queue has no connection string (nothing was run).
+            ConfigurationError: the queue has no connection string, or a malformed one
+                (nothing was run).
             RuntimeError: this worker already ran.
         """
         if self._started:
@@ -404,13 +409,16 @@ class Worker:
         while True:
             conn = await self._link.get()
             try:
-                await self.queue.check_schema(conn)
-                await self._register(conn)
+                # Shielded: a stop that came now would leave the worker unsure
+                # whether its row was written. It waits for the reply instead.
+                with anyio.fail_after(START_TIMEOUT, shield=True):
+                    await self.queue.check_schema(conn)
+                    self._registered = True  # perhaps: unregistering is harmless
+                    await self._register(conn)
             except RECONNECT_ON as ex:
                 await self._link.failed(conn, ex)
                 continue
             self._link.succeeded()
-            self._registered = True
             return
 
     async def _register(self, conn: Connection[Any]) -> None:

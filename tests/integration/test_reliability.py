@@ -1410,3 +1410,34 @@ async def test_a_stop_that_cannot_unregister_in_time_says_so(
         await logs.wait_for_event("worker.unregister_failed")
     [record] = [r for r in logs.records if getattr(r, "event", None) == "worker.unregister_failed"]
     assert record.error == "TimeoutError"  # type: ignore[attr-defined]
+
+
+async def test_a_stop_while_the_registration_is_on_its_way_leaves_no_worker_row(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The row is committed but the reply not read yet when the stop comes: the
+    # worker must still remove the row, or it stays until another worker's rescue.
+    registered, reply = anyio.Event(), anyio.Event()
+    real = _store.worker_register
+
+    async def register_with_a_slow_reply(*args: Any, **kwargs: Any) -> None:
+        await real(*args, **kwargs)
+        registered.set()
+        await reply.wait()
+
+    monkeypatch.setattr(_store, "worker_register", register_with_a_slow_reply)
+
+    @queue.task
+    async def work() -> None: ...
+
+    worker = Worker(queue, poll_interval=0.05)
+    async with running(worker):
+        with anyio.fail_after(WAIT_TIMEOUT):
+            await registered.wait()
+        worker.stop()
+        reply.set()
+    async with queue.connection() as c:
+        cur = await c.execute(
+            sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(queue.schema, "workers"))
+        )
+        assert await cur.fetchone() == (0,)
