@@ -261,9 +261,10 @@ async def isolated(queue: Queue, *, conninfo: str | None = None) -> AsyncIterato
 async def drain(queue: Queue, *, timeout: float = 30.0, **worker_options: Any) -> None:  # noqa: ASYNC109
     """Run a worker until no job of `queue`'s tasks is running or due, then stop it.
 
-    The worker consumes the queues of the tasks and every queue that holds a
-    job of theirs when `drain` starts (a job sent elsewhere with
-    ``options(queue=...)``), unless `worker_options` name the `queues`.
+    The worker consumes the queues of the tasks and every queue that holds an
+    unfinished job of theirs when `drain` starts (a job sent elsewhere with
+    ``options(queue=...)``, due or not), unless `worker_options` name the
+    `queues`.
 
     Args:
         queue: the queue whose jobs to run.
@@ -281,8 +282,10 @@ async def drain(queue: Queue, *, timeout: float = 30.0, **worker_options: Any) -
             async with anyio.create_task_group() as tg:
                 tg.start_soon(worker.run)
                 # The database is the only signal that everything finished.
-                while await _store.job_count_unfinished(  # noqa: ASYNC110
-                    conn, queue.statements, tasks=tasks
+                while any(  # noqa: ASYNC110
+                    (
+                        await _store.job_count_unfinished(conn, queue.statements, tasks=tasks)
+                    ).values()
                 ):
                     await anyio.sleep(0.05)
                 worker.stop()

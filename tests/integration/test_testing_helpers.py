@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
+import anyio
 import pytest
 from psycopg import sql
 
@@ -73,3 +75,35 @@ async def test_drain_runs_jobs_sent_to_another_queue(
         await queue.enqueue(conn, work.options(queue="emails"), "emails")
     await drain(queue, timeout=10)
     assert sorted(done) == ["default", "emails"]
+
+
+async def test_drain_consumes_a_queue_whose_job_is_not_due_yet_when_it_starts(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    done: list[str] = []
+    started, release = anyio.Event(), anyio.Event()
+
+    @queue.task
+    async def work(where: str) -> None:
+        if where == "default":
+            started.set()
+            await release.wait()
+        done.append(where)
+
+    async with conn.transaction():
+        await queue.enqueue(conn, work, "default")
+        later = await queue.enqueue(conn, work.options(queue="later", delay=3600), "later")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(partial(drain, queue, timeout=10))
+        with anyio.fail_after(10):
+            await started.wait()
+        # The delayed job falls due while drain runs.
+        await conn.execute(
+            sql.SQL("UPDATE {} SET run_at = now() WHERE id = %s").format(
+                sql.Identifier(queue.schema, "jobs")
+            ),
+            [later.id],
+        )
+        await conn.commit()
+        release.set()
+    assert sorted(done) == ["default", "later"]

@@ -59,9 +59,10 @@ async def _idle(queue: Queue, listening: _Listening, seen: Recorder) -> None:
     worker is then idle, and fetches again only when woken."""
     with anyio.fail_after(WAIT_TIMEOUT):
         await listening.up.wait()
+    expected = len(seen.calls) + 1  # counted first: the job may run before enqueue returns
     async with queue.connection() as conn:
         await queue.enqueue(conn, "wakeups.first")
-    await seen.wait_for(len(seen.calls) + 1)
+    await seen.wait_for(expected)
 
 
 @pytest.mark.parametrize("how", ["delay", "run_at"])
