@@ -69,12 +69,15 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
         task: the task name.
         queue: the queue it waits in.
         run_at: when it becomes available (the database's clock).
+        duplicate: True if the job was not enqueued because an unfinished job
+            held its unique key; `id` and `run_at` are then that job's.
     """
 
     id: int
     task: str
     queue: str
     run_at: datetime
+    duplicate: bool = False
 
 
 class JobError(msgspec.Struct, frozen=True, kw_only=True):
@@ -112,6 +115,7 @@ class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
         attempted_at: when it was last claimed.
         finished_at: when it reached a final state.
         errors: the error of every failed attempt, oldest first.
+        key: its unique key, or None.
     """
 
     id: int
@@ -127,6 +131,7 @@ class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
     attempted_at: datetime | None
     finished_at: datetime | None
     errors: tuple[JobError, ...]
+    key: str | None = None
 
 
 class ClaimedJob(msgspec.Struct, frozen=True, kw_only=True):
@@ -191,6 +196,8 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
         delay: seconds from now before it may run.
         run_at: an aware datetime before which it does not run.
         headers: string metadata carried with the job (e.g. trace context).
+        key: a unique key: no other job with it is enqueued while this one is
+            unfinished.
     """
 
     task: str
@@ -201,6 +208,7 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
     delay: float = 0.0
     run_at: datetime | None = None
     headers: dict[str, str] | None = None
+    key: str | None = None
 
     def due_now(self) -> bool:
         """Whether the job may run at once (it is then inserted ``available``)."""

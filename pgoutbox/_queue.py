@@ -314,10 +314,10 @@ class Queue:
         if self._capture is not None:
             return self._capture(spec)
         _check_connection(conn, sync=False)
-        job_id, due = await _store.job_insert(
+        job_id, due, duplicate = await _store.job_insert(
             conn, self.statements, spec, channel=self._notify_channel
         )
-        return Job(id=job_id, task=spec.task, queue=spec.queue, run_at=due)
+        return Job(id=job_id, task=spec.task, queue=spec.queue, run_at=due, duplicate=duplicate)
 
     async def enqueue_many(
         self, conn: psycopg.AsyncConnection[Any], specs: Iterable[JobSpec], /
@@ -396,10 +396,10 @@ class Queue:
         if self._capture is not None:
             return self._capture(spec)
         _check_connection(conn, sync=True)
-        job_id, due = _store.job_insert_sync(
+        job_id, due, duplicate = _store.job_insert_sync(
             conn, self.statements, spec, channel=self._notify_channel
         )
-        return Job(id=job_id, task=spec.task, queue=spec.queue, run_at=due)
+        return Job(id=job_id, task=spec.task, queue=spec.queue, run_at=due, duplicate=duplicate)
 
     def enqueue_many_sync(
         self, conn: psycopg.Connection[Any], specs: Iterable[JobSpec], /
@@ -615,8 +615,8 @@ def _check_connection(conn: object, *, sync: bool) -> None:
         )
 
 
-def _jobs(rows: list[tuple[int, datetime]], specs: list[JobSpec]) -> list[Job]:
+def _jobs(rows: list[tuple[int, datetime, bool]], specs: list[JobSpec]) -> list[Job]:
     return [
-        Job(id=job_id, task=spec.task, queue=spec.queue, run_at=due)
-        for (job_id, due), spec in zip(rows, specs, strict=True)
+        Job(id=job_id, task=spec.task, queue=spec.queue, run_at=due, duplicate=duplicate)
+        for (job_id, due, duplicate), spec in zip(rows, specs, strict=True)
     ]

@@ -57,6 +57,7 @@ class Statements:
     worker_register: bytes
     worker_delete: bytes
     job_complete_fenced: bytes
+    job_insert_unique: bytes
     job_cancel: bytes
     worker_heartbeat: bytes
     worker_rescue_expired: bytes

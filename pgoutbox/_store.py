@@ -32,6 +32,7 @@ from ._job import (
     WorkerInfo,
 )
 from ._sql import PlannedPerCall, Statements, load_migrations
+from .errors import PgoutboxError
 
 __all__ = [
     "job_cancel",
@@ -172,11 +173,21 @@ def _job_insert_query(
         "delay": float(spec.delay),
         "state": "available" if spec.due_now() else "scheduled",
     }
+    if spec.key is not None:
+        params["key"] = spec.key
+        params["notify"] = channel is not None
+        params["channel"] = channel or ""
+        params["notify_within"] = NOTIFY_WITHIN
+        return st.job_insert_unique, params
     if channel is not None:
         params["channel"] = channel
         params["notify_within"] = NOTIFY_WITHIN
         return st.job_insert_notify, params
     return st.job_insert, params
+
+
+UNIQUE_TRIES: Final = 3
+"""Rounds of insert-or-find for a job with a unique key (see `job_insert`)."""
 
 
 class _InsertRow(msgspec.Struct, omit_defaults=True):
@@ -278,61 +289,124 @@ def _job_insert_many_query(
     )
 
 
-def _inserted_many(rows: list[tuple[Any, ...]], uniform: bool) -> list[tuple[int, datetime]]:
+def _inserted_many(rows: list[tuple[Any, ...]], uniform: bool) -> list[tuple[int, datetime, bool]]:
     if uniform:  # ids, then one row with the run_at they share
         run_at = rows[-1][1]
-        return [(row[0], run_at) for row in rows[:-1]]
-    return [(row[0], row[1]) for row in rows]
+        return [(row[0], run_at, False) for row in rows[:-1]]
+    return [(row[0], row[1], False) for row in rows]
 
 
 def _headers_json(spec: JobSpec) -> str | None:
     return None if not spec.headers else msgspec.json.encode(spec.headers).decode()
 
 
-def _inserted(row: tuple[Any, ...] | None) -> tuple[int, datetime]:
-    assert row is not None  # noqa: S101 (INSERT ... RETURNING always returns the row)
-    return row[0], row[1]
+def _inserted(row: tuple[Any, ...]) -> tuple[int, datetime, bool]:
+    """(id, run_at, duplicate) from job_insert*'s first row (a plain insert has no third
+    column: never a duplicate)."""
+    return row[0], row[1], len(row) > 2 and row[2] is True
 
 
 async def job_insert(
     conn: AnyConnection, st: Statements, spec: JobSpec, *, channel: str | None
-) -> tuple[int, datetime]:
+) -> tuple[int, datetime, bool]:
     """Insert one job in one statement; with a `channel`, NOTIFY it in the same statement.
+    Returns its id, its run_at, and whether it is an unfinished job that held the
+    spec's unique key (a duplicate: nothing was written).
 
     One statement keeps the row and its notification atomic even on an
-    autocommit connection; in a transaction, both wait for its commit.
+    autocommit connection; in a transaction, both wait for its commit. With a
+    unique key, a job that committed the key while this statement waited for
+    it is not in its snapshot, and no row comes back: the statement runs again
+    (in READ COMMITTED, with a snapshot that has it, or, if it has finished
+    meanwhile, writing the job after all).
     """
-    cur = await _execute(conn, *_job_insert_query(st, spec, channel))
-    return _inserted(await cur.fetchone())
+    query, params = _job_insert_query(st, spec, channel)
+    for _ in range(UNIQUE_TRIES):
+        row = await (await _execute(conn, query, params)).fetchone()
+        if row is not None:
+            return _inserted(row)
+    raise _key_contended(spec)
 
 
 def job_insert_sync(
     conn: AnySyncConnection, st: Statements, spec: JobSpec, *, channel: str | None
-) -> tuple[int, datetime]:
+) -> tuple[int, datetime, bool]:
     """`job_insert` on a sync connection."""
-    return _inserted(_execute_sync(conn, *_job_insert_query(st, spec, channel)).fetchone())
+    query, params = _job_insert_query(st, spec, channel)
+    for _ in range(UNIQUE_TRIES):
+        row = _execute_sync(conn, query, params).fetchone()
+        if row is not None:
+            return _inserted(row)
+    raise _key_contended(spec)
+
+
+def _key_contended(spec: JobSpec) -> PgoutboxError:
+    return PgoutboxError(
+        f"task {spec.task!r}: could not enqueue a job with its unique key, nor find the job "
+        f"holding it, in {UNIQUE_TRIES} tries: jobs with that key are enqueued and finished "
+        "faster than this producer can look"
+    )
 
 
 async def job_insert_many(
     conn: AnyConnection, st: Statements, specs: Sequence[JobSpec], *, channel: str | None
-) -> list[tuple[int, datetime]]:
+) -> list[tuple[int, datetime, bool]]:
     """Insert many jobs in one statement, NOTIFYing each queue that got a due job once.
 
-    Returns (id, run_at) per job, in the order of `specs`.
+    Returns (id, run_at, duplicate) per job, in the order of `specs`. Jobs with a
+    unique key take one `job_insert` each, after the statement for the rest.
     """
-    query, params, uniform = _job_insert_many_query(st, specs, channel)
-    # Binary results: ids and timestamps load faster than from text.
-    cur = await _execute(conn, query, params, binary=True)
-    return _inserted_many(await cur.fetchall(), uniform)
+    plain, keyed = _split_keyed(specs)
+    rows: list[tuple[int, datetime, bool]] = []
+    if plain:
+        query, params, uniform = _job_insert_many_query(st, plain, channel)
+        # Binary results: ids and timestamps load faster than from text.
+        cur = await _execute(conn, query, params, binary=True)
+        rows = _inserted_many(await cur.fetchall(), uniform)
+    if not keyed:
+        return rows
+    by_key = [await job_insert(conn, st, spec, channel=channel) for _, spec in keyed]
+    return _merged(len(specs), rows, keyed, by_key)
 
 
 def job_insert_many_sync(
     conn: AnySyncConnection, st: Statements, specs: Sequence[JobSpec], *, channel: str | None
-) -> list[tuple[int, datetime]]:
+) -> list[tuple[int, datetime, bool]]:
     """`job_insert_many` on a sync connection."""
-    query, params, uniform = _job_insert_many_query(st, specs, channel)
-    cur = _execute_sync(conn, query, params, binary=True)
-    return _inserted_many(cur.fetchall(), uniform)
+    plain, keyed = _split_keyed(specs)
+    rows: list[tuple[int, datetime, bool]] = []
+    if plain:
+        query, params, uniform = _job_insert_many_query(st, plain, channel)
+        rows = _inserted_many(_execute_sync(conn, query, params, binary=True).fetchall(), uniform)
+    if not keyed:
+        return rows
+    by_key = [job_insert_sync(conn, st, spec, channel=channel) for _, spec in keyed]
+    return _merged(len(specs), rows, keyed, by_key)
+
+
+def _split_keyed(
+    specs: Sequence[JobSpec],
+) -> tuple[list[JobSpec], list[tuple[int, JobSpec]]]:
+    """The specs without a unique key, and those with one (with their positions)."""
+    if all(spec.key is None for spec in specs):
+        return list(specs), []
+    plain = [spec for spec in specs if spec.key is None]
+    keyed = [(i, spec) for i, spec in enumerate(specs) if spec.key is not None]
+    return plain, keyed
+
+
+def _merged(
+    count: int,
+    plain_rows: list[tuple[int, datetime, bool]],
+    keyed: list[tuple[int, JobSpec]],
+    keyed_rows: list[tuple[int, datetime, bool]],
+) -> list[tuple[int, datetime, bool]]:
+    """The rows of both kinds back in the order of the specs."""
+    merged: list[tuple[int, datetime, bool] | None] = [None] * count
+    for (i, _), row in zip(keyed, keyed_rows, strict=True):
+        merged[i] = row
+    rest = iter(plain_rows)
+    return [row if row is not None else next(rest) for row in merged]
 
 
 def _claims(outcomes: Sequence[Outcome]) -> list[str]:
@@ -511,6 +585,7 @@ async def job_get(conn: AnyConnection, st: Statements, job_id: int) -> JobRecord
         attempted_at=r[10],
         finished_at=r[11],
         errors=tuple(_error_decoder.decode(e) for e in r[12]),
+        key=r[13],
     )
 
 

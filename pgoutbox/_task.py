@@ -171,6 +171,8 @@ class Task(Generic[P, R]):
         priority: its jobs' priority; higher runs first.
         retry: its retry policy.
         timeout: seconds an attempt may run before it is cancelled, or None.
+        key: the unique key of the jobs enqueued through this copy (see
+            `options`), or None.
         fn: the handler.
     """
 
@@ -185,6 +187,7 @@ class Task(Generic[P, R]):
         timeout: float | None,
         delay: float = 0.0,
         run_at: datetime | None = None,
+        key: str | None = None,
         args_type: type[msgspec.Struct] | None = None,
     ) -> None:
         if not inspect.iscoroutinefunction(fn):
@@ -204,6 +207,7 @@ class Task(Generic[P, R]):
         self.timeout = timeout
         self.delay = delay
         self.run_at = run_at
+        self.key = key
         self._args_type = args_type or _args_struct(name, fn)
         self._signature = inspect.signature(fn)
         self._decoder = msgspec.json.Decoder(self._args_type)
@@ -235,6 +239,7 @@ class Task(Generic[P, R]):
         priority: int | None = None,
         delay: float | None = None,
         run_at: datetime | None = None,
+        key: str | None = None,
     ) -> Task[P, R]:
         """This task with other options for the jobs enqueued through the copy.
 
@@ -244,6 +249,10 @@ class Task(Generic[P, R]):
             delay: seconds from now (the database's clock) before the job may run.
             run_at: an aware datetime before which the job does not run; when a
                 copy has both, `run_at` decides and `delay` is ignored.
+            key: a unique key (1 to 500 characters): while a job with this key
+                is unfinished (scheduled, available, retryable or running), enqueue
+                writes nothing and returns that job, marked
+                `duplicate <pgoutbox.Job.duplicate>`.
 
         Raises:
             ConfigurationError: an option is invalid.
@@ -251,6 +260,7 @@ class Task(Generic[P, R]):
         if delay is not None:
             _validate_delay(self.name, delay)
         _validate_run_at(self.name, run_at)
+        _validate_key(self.name, key)
         return Task(
             self.fn,
             name=self.name,
@@ -260,6 +270,7 @@ class Task(Generic[P, R]):
             timeout=self.timeout,
             delay=self.delay if delay is None else delay,
             run_at=self.run_at if run_at is None else run_at,
+            key=self.key if key is None else key,
             args_type=self._args_type,
         )
 
@@ -277,6 +288,7 @@ class Task(Generic[P, R]):
             args=self.encode_args(args, kwargs),
             delay=self.delay,
             run_at=self.run_at,
+            key=self.key,
         )
 
     def encode_args(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
@@ -362,6 +374,7 @@ class TaskRef(msgspec.Struct, frozen=True, kw_only=True):
         delay: seconds from now before the job may run.
         run_at: an aware datetime before which the job does not run; with both
             set, `run_at` decides and `delay` is ignored.
+        key: a unique key, as in `Task.options`, or None.
     """
 
     name: str
@@ -370,6 +383,7 @@ class TaskRef(msgspec.Struct, frozen=True, kw_only=True):
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     delay: float = 0.0
     run_at: datetime | None = None
+    key: str | None = None
 
     def __post_init__(self) -> None:
         _check_options(
@@ -379,6 +393,7 @@ class TaskRef(msgspec.Struct, frozen=True, kw_only=True):
             max_attempts=self.max_attempts,
             delay=self.delay,
             run_at=self.run_at,
+            key=self.key,
         )
 
     def bind(self, /, **kwargs: Any) -> JobSpec:
@@ -396,6 +411,7 @@ class TaskRef(msgspec.Struct, frozen=True, kw_only=True):
             args=payload,
             delay=self.delay,
             run_at=self.run_at,
+            key=self.key,
         )
 
 
@@ -423,6 +439,7 @@ def check_specs(specs: list[JobSpec]) -> None:
             and spec.max_attempts is last.max_attempts
             and spec.delay is last.delay
             and spec.run_at is last.run_at
+            and spec.key is None
         ):
             _check_options(
                 spec.task,
@@ -431,6 +448,7 @@ def check_specs(specs: list[JobSpec]) -> None:
                 max_attempts=spec.max_attempts,
                 delay=spec.delay,
                 run_at=spec.run_at,
+                key=spec.key,
             )
         if spec.headers is not None:
             _check_headers(spec)
@@ -463,6 +481,7 @@ def _check_options(
     max_attempts: int,
     delay: float,
     run_at: datetime | None,
+    key: str | None = None,
 ) -> None:
     """Raise `ConfigurationError` unless these are valid options for a job."""
     validate_name("task", task)
@@ -471,6 +490,27 @@ def _check_options(
     _validate_max_attempts(max_attempts)
     _validate_delay(task, delay)
     _validate_run_at(task, run_at)
+    _validate_key(task, key)
+
+
+MAX_KEY_LENGTH: Final = 500
+"""The longest unique key, in characters: it is an index entry."""
+
+
+def _validate_key(task: str, key: object) -> None:
+    if key is None:
+        return
+    if not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY_LENGTH or "\x00" in key:
+        raise ConfigurationError(
+            f"task {task!r}: key must be a string of 1 to {MAX_KEY_LENGTH} characters "
+            f"without NUL, got {key!r:.80}"
+        )
+    try:
+        key.encode()
+    except UnicodeEncodeError:
+        raise ConfigurationError(
+            f"task {task!r}: key must be valid Unicode (it holds a lone surrogate)"
+        ) from None
 
 
 def _check_headers(spec: JobSpec) -> None:

@@ -49,6 +49,7 @@ DEFAULT_MAX_ROUNDS: Final = 100
 """Rounds `Capture.run_all` runs before it decides jobs keep coming back forever."""
 
 _WAITING: Final = frozenset({JobState.SCHEDULED, JobState.AVAILABLE, JobState.RETRYABLE})
+_UNFINISHED: Final = _WAITING | {JobState.RUNNING}
 _error_decoder = msgspec.json.Decoder(JobError)
 
 
@@ -105,6 +106,16 @@ class Capture:
         self.jobs: list[CapturedJob] = []
 
     def _record(self, spec: JobSpec) -> Job:
+        if spec.key is not None:  # as in the database: one unfinished job per key
+            for held in self.jobs:
+                if held.spec.key == spec.key and held.state in _UNFINISHED:
+                    return Job(
+                        id=held.id,
+                        task=held.task,
+                        queue=held.spec.queue,
+                        run_at=held.run_at,
+                        duplicate=True,
+                    )
         job = CapturedJob(len(self.jobs) + 1, spec)
         self.jobs.append(job)
         return Job(id=job.id, task=spec.task, queue=spec.queue, run_at=job.run_at)

@@ -59,6 +59,43 @@ SELECT job.id, job.run_at,
             THEN pg_notify(%(channel)s, %(queue)s) END
 FROM job
 
+-- name: job_insert_unique
+-- plan: per call
+-- job_insert for a job with a unique key: if an unfinished job holds the key,
+-- nothing is written and that job comes back, marked as a duplicate (true).
+-- A job that holds the key in a transaction not yet committed makes this wait
+-- for it, as any unique index does; if that one commits, its row is not in
+-- this statement's snapshot and no row comes back: the caller runs the
+-- statement again, in a new snapshot that has it.
+-- With `notify`, an inserted job due within `notify_within` seconds NOTIFYs.
+WITH job AS (
+    INSERT INTO {schema}.jobs (
+        queue, task, args, priority, state, max_attempts, run_at, headers, unique_key
+    )
+    VALUES (
+        %(queue)s, %(task)s, %(args)s::jsonb, %(priority)s,
+        %(state)s::{schema}.job_state, %(max_attempts)s,
+        coalesce(%(run_at)s::timestamptz, now() + %(delay)s::float8 * interval '1 second'),
+        %(headers)s::jsonb, %(key)s
+    )
+    ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL
+        AND state IN ('scheduled', 'available', 'retryable', 'running')
+    DO NOTHING
+    RETURNING id, run_at
+), notified AS (
+    SELECT pg_notify(%(channel)s, %(queue)s)
+    FROM job
+    WHERE %(notify)s
+      AND job.run_at <= clock_timestamp() + %(notify_within)s::float8 * interval '1 second'
+)
+SELECT id, run_at, false FROM job WHERE (SELECT count(*) FROM notified) >= 0
+UNION ALL
+SELECT id, run_at, true
+FROM {schema}.jobs
+WHERE unique_key = %(key)s
+  AND state IN ('scheduled', 'available', 'retryable', 'running')
+  AND NOT EXISTS (SELECT FROM job)
+
 -- name: job_insert_many
 -- The jobs come as one JSON array of objects: encoded by the client in one
 -- call and parsed by the server in one pass, which costs far less than one
@@ -227,7 +264,7 @@ FROM {schema}.finish_completed(
 -- plan: per call
 SELECT id, queue, task, args::text, priority, state::text, attempt, max_attempts,
        run_at, created_at, attempted_at, finished_at,
-       array(SELECT e::text FROM unnest(errors) AS e)
+       array(SELECT e::text FROM unnest(errors) AS e), unique_key
 FROM {schema}.jobs
 WHERE id = %(id)s
 

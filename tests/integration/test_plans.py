@@ -139,6 +139,9 @@ async def _run_statements_planned_per_call(
 ) -> None:
     worker, claim = str(uuid.uuid4()), str(uuid.uuid4())
     await _store.worker_heartbeat(conn, st, worker_id=worker)
+    keyed = TaskRef(name="plans.t", key="plans:1")
+    await _store.job_insert(conn, st, keyed.bind(), channel="plans")
+    await _store.job_insert(conn, st, keyed.bind(), channel=None)  # a duplicate
     await _store.worker_rescue_expired(conn, st, schema=queue.schema, channel=queue.channel)
     await _store.job_prune(
         conn, st, schema=queue.schema, completed_retention=1, failed_retention=1, limit=10

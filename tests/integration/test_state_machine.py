@@ -421,7 +421,7 @@ class JobStateMachine(RuleBasedStateMachine):
             run_at=run_at,
         )
         channel = self.db.channel if timing == "notify" else None
-        job_id, _ = self.db.call(
+        job_id, _, _ = self.db.call(
             _store.job_insert, self.db.conn, self.db.statements, spec, channel=channel
         )
         due = timing != "later"
@@ -444,7 +444,7 @@ class JobStateMachine(RuleBasedStateMachine):
             _store.job_insert_many, self.db.conn, self.db.statements, specs, channel=self.db.channel
         )
         assert len(rows) == len(specs)
-        for (job_id, _), spec in zip(rows, specs, strict=True):
+        for (job_id, _, _), spec in zip(rows, specs, strict=True):
             due = spec.delay == 0
             self._add(job_id, spec, JobState.AVAILABLE if due else JobState.SCHEDULED, due=due)
 
@@ -899,7 +899,7 @@ def test_concurrent_claims_never_share_a_job(
     ]
     ids = [
         job_id
-        for job_id, _ in db.call(
+        for job_id, _, _ in db.call(
             _store.job_insert_many, db.conn, db.statements, specs, channel=db.channel
         )
     ]
@@ -1035,7 +1035,7 @@ async def test_job_whose_cancel_was_requested_is_not_run_again(
     """A running job asked to cancel ends `cancelled` when its worker lets it go."""
     async with await pgoutbox.connect(database_dsn, autocommit=True) as conn:
         spec = JobSpec(task="t", queue="default", priority=0, max_attempts=3, args="{}")
-        job_id, _ = await _store.job_insert(conn, queue.statements, spec, channel=None)
+        job_id, _, _ = await _store.job_insert(conn, queue.statements, spec, channel=None)
         [first] = await _claim(queue, conn, WORKERS[0], FIRST_CLAIM)
         requested = await _store.job_cancel(
             conn,
@@ -1064,7 +1064,7 @@ async def test_a_cancel_that_waits_for_a_running_job_cancels_what_its_worker_mad
         await pgoutbox.connect(database_dsn, autocommit=True) as producer_conn,
     ):
         spec = JobSpec(task="t", queue="default", priority=0, max_attempts=3, args="{}")
-        job_id, _ = await _store.job_insert(worker_conn, queue.statements, spec, channel=None)
+        job_id, _, _ = await _store.job_insert(worker_conn, queue.statements, spec, channel=None)
         [job] = await _claim(queue, worker_conn, WORKERS[0], FIRST_CLAIM)
         result: list[pgoutbox.CancelResult] = []
 

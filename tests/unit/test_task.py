@@ -275,6 +275,20 @@ def test_task_retry_must_be_a_retry_policy() -> None:
         queue.task(retry=3)(handler)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("key", ["", "x" * 501, "a\x00b", "\ud800", 7])
+def test_a_unique_key_must_be_a_short_string(key: object) -> None:
+    queue = Queue("", schema="unit")
+
+    @queue.task
+    async def work() -> None: ...
+
+    with pytest.raises(ConfigurationError, match="key"):
+        work.options(key=key)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="key"):
+        TaskRef(name="t", key=key)  # type: ignore[arg-type]
+    assert work.options(key="x" * 500).bind().key == "x" * 500
+
+
 def test_queue_without_dsn_says_how_to_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PGOUTBOX_DSN", raising=False)
     with pytest.raises(ConfigurationError, match="PGOUTBOX_DSN"):

@@ -144,3 +144,26 @@ async def test_capture_gives_delayed_jobs_their_due_time_and_handlers_their_head
     assert job.run_at == captured.run_at
     assert (captured.run_at - captured.created_at).total_seconds() == 3600
     assert seen == [{}, {"k": "v"}]
+
+
+async def test_capture_keeps_one_unfinished_job_per_key() -> None:
+    queue = _queue()
+    ran: list[int] = []
+
+    @queue.task
+    async def charge(order_id: int) -> None:
+        ran.append(order_id)
+
+    keyed = charge.options(key="charge:7")
+    with capture(queue) as jobs:
+        first = await queue.enqueue(NO_CONNECTION, keyed, 1)
+        again = await queue.enqueue(NO_CONNECTION, keyed, 2)
+        [batched] = await queue.enqueue_many(NO_CONNECTION, [keyed.bind(3)])
+        await jobs.run_all()
+        after = await queue.enqueue(NO_CONNECTION, keyed, 4)  # the first one finished
+    assert not first.duplicate
+    assert (again.id, again.duplicate) == (first.id, True)
+    assert (batched.id, batched.duplicate) == (first.id, True)
+    assert ran == [1]
+    assert not after.duplicate
+    assert after.id != first.id
