@@ -14,7 +14,6 @@ from collections.abc import (
     Sequence,
 )
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
-from datetime import datetime
 from typing import Any, Final, ParamSpec, Protocol, Self, TypeVar, overload
 
 import msgspec
@@ -303,6 +302,8 @@ class Queue:
         Raises:
             PayloadError: the arguments do not fit the task; nothing is written.
             ConfigurationError: `conn` is not a `psycopg.AsyncConnection`.
+            SchemaError: the job has a unique key, and the schema is older than
+                version 11.
         """
         spec = self._bind(task, args, kwargs)
         if self.instrumentation is None:
@@ -314,15 +315,15 @@ class Queue:
         if self._capture is not None:
             return self._capture(spec)
         _check_connection(conn, sync=False)
-        job_id, due, duplicate = await _store.job_insert(
-            conn, self.statements, spec, channel=self._notify_channel
-        )
-        return Job(id=job_id, task=spec.task, queue=spec.queue, run_at=due, duplicate=duplicate)
+        row = await _store.job_insert(conn, self.statements, spec, channel=self._notify_channel)
+        return _job(row, spec)
 
     async def enqueue_many(
         self, conn: psycopg.AsyncConnection[Any], specs: Iterable[JobSpec], /
     ) -> list[Job]:
-        """Write many jobs in one statement, with one NOTIFY per queue that has a due job.
+        """Write many jobs in one statement, with one NOTIFY per queue that has a due job
+        (and one more statement per job with a unique key, in one transaction on an
+        autocommit connection).
 
         Make the specs with `Task.bind` (validated against the handler) or
         `TaskRef.bind`; tasks and queues may be mixed. Like `enqueue`, this runs
@@ -396,10 +397,8 @@ class Queue:
         if self._capture is not None:
             return self._capture(spec)
         _check_connection(conn, sync=True)
-        job_id, due, duplicate = _store.job_insert_sync(
-            conn, self.statements, spec, channel=self._notify_channel
-        )
-        return Job(id=job_id, task=spec.task, queue=spec.queue, run_at=due, duplicate=duplicate)
+        row = _store.job_insert_sync(conn, self.statements, spec, channel=self._notify_channel)
+        return _job(row, spec)
 
     def enqueue_many_sync(
         self, conn: psycopg.Connection[Any], specs: Iterable[JobSpec], /
@@ -557,6 +556,7 @@ class Queue:
         Raises:
             PgoutboxError: the queue is being captured (`pgoutbox.testing.capture`),
                 whose job ids are not those of the database.
+            SchemaError: the schema is older than version 11.
         """
         if self._capture is not None:
             raise PgoutboxError(
@@ -615,8 +615,13 @@ def _check_connection(conn: object, *, sync: bool) -> None:
         )
 
 
-def _jobs(rows: list[tuple[int, datetime, bool]], specs: list[JobSpec]) -> list[Job]:
-    return [
-        Job(id=job_id, task=spec.task, queue=spec.queue, run_at=due, duplicate=duplicate)
-        for (job_id, due, duplicate), spec in zip(rows, specs, strict=True)
-    ]
+def _job(row: _store.Inserted, spec: JobSpec) -> Job:
+    """The handle of what enqueueing `spec` wrote, or of the job that held its key."""
+    if row.holder is None:
+        return Job(id=row.id, task=spec.task, queue=spec.queue, run_at=row.run_at)
+    task, queue = row.holder
+    return Job(id=row.id, task=task, queue=queue, run_at=row.run_at, duplicate=True)
+
+
+def _jobs(rows: list[_store.Inserted], specs: list[JobSpec]) -> list[Job]:
+    return [_job(row, spec) for row, spec in zip(rows, specs, strict=True)]

@@ -7,9 +7,9 @@ the queue's schema; none opens a transaction unless its docstring says so.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import msgspec
 import psycopg
@@ -32,7 +32,7 @@ from ._job import (
     WorkerInfo,
 )
 from ._sql import PlannedPerCall, Statements, load_migrations
-from .errors import PgoutboxError
+from .errors import PgoutboxError, SchemaError
 
 __all__ = [
     "job_cancel",
@@ -186,6 +186,19 @@ def _job_insert_query(
     return st.job_insert, params
 
 
+@contextlib.contextmanager
+def _needs_version(version: int, what: str) -> Iterator[None]:
+    """Turn the error of a statement that uses a column or function added by migration
+    `version`, on a schema not yet upgraded, into a `SchemaError` that says what to do."""
+    try:
+        yield
+    except (psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedFunction) as ex:
+        raise SchemaError(
+            f"{what} needs pgoutbox schema version {version}: run "
+            "`python -m pgoutbox migrate <module>:<queue>` or `await queue.migrate()`"
+        ) from ex
+
+
 UNIQUE_TRIES: Final = 3
 """Rounds of insert-or-find for a job with a unique key (see `job_insert`)."""
 
@@ -289,26 +302,37 @@ def _job_insert_many_query(
     )
 
 
-def _inserted_many(rows: list[tuple[Any, ...]], uniform: bool) -> list[tuple[int, datetime, bool]]:
+class Inserted(NamedTuple):
+    """A job as enqueue wrote it, or as it found it holding the unique key."""
+
+    id: int
+    run_at: datetime
+    holder: tuple[str, str] | None = None
+    """For a duplicate, the (task, queue) of the job that holds the key."""
+
+
+def _inserted_many(rows: list[tuple[Any, ...]], uniform: bool) -> list[Inserted]:
     if uniform:  # ids, then one row with the run_at they share
         run_at = rows[-1][1]
-        return [(row[0], run_at, False) for row in rows[:-1]]
-    return [(row[0], row[1], False) for row in rows]
+        return [Inserted(row[0], run_at) for row in rows[:-1]]
+    return [Inserted(row[0], row[1]) for row in rows]
 
 
 def _headers_json(spec: JobSpec) -> str | None:
     return None if not spec.headers else msgspec.json.encode(spec.headers).decode()
 
 
-def _inserted(row: tuple[Any, ...]) -> tuple[int, datetime, bool]:
-    """(id, run_at, duplicate) from job_insert*'s first row (a plain insert has no third
-    column: never a duplicate)."""
-    return row[0], row[1], len(row) > 2 and row[2] is True
+def _inserted(row: tuple[Any, ...]) -> Inserted:
+    """From job_insert*'s row: (id, run_at[, notified]), or job_insert_unique's
+    (id, run_at, task, queue), whose task and queue are set only for a duplicate."""
+    if len(row) == 4 and row[2] is not None:
+        return Inserted(row[0], row[1], (row[2], row[3]))
+    return Inserted(row[0], row[1])
 
 
 async def job_insert(
     conn: AnyConnection, st: Statements, spec: JobSpec, *, channel: str | None
-) -> tuple[int, datetime, bool]:
+) -> Inserted:
     """Insert one job in one statement; with a `channel`, NOTIFY it in the same statement.
     Returns its id, its run_at, and whether it is an unfinished job that held the
     spec's unique key (a duplicate: nothing was written).
@@ -321,22 +345,24 @@ async def job_insert(
     meanwhile, writing the job after all).
     """
     query, params = _job_insert_query(st, spec, channel)
-    for _ in range(UNIQUE_TRIES):
-        row = await (await _execute(conn, query, params)).fetchone()
-        if row is not None:
-            return _inserted(row)
+    with _needs_version(11, "a job with a unique key"):
+        for _ in range(UNIQUE_TRIES):
+            row = await (await _execute(conn, query, params)).fetchone()
+            if row is not None:
+                return _inserted(row)
     raise _key_contended(spec)
 
 
 def job_insert_sync(
     conn: AnySyncConnection, st: Statements, spec: JobSpec, *, channel: str | None
-) -> tuple[int, datetime, bool]:
+) -> Inserted:
     """`job_insert` on a sync connection."""
     query, params = _job_insert_query(st, spec, channel)
-    for _ in range(UNIQUE_TRIES):
-        row = _execute_sync(conn, query, params).fetchone()
-        if row is not None:
-            return _inserted(row)
+    with _needs_version(11, "a job with a unique key"):
+        for _ in range(UNIQUE_TRIES):
+            row = _execute_sync(conn, query, params).fetchone()
+            if row is not None:
+                return _inserted(row)
     raise _key_contended(spec)
 
 
@@ -350,37 +376,45 @@ def _key_contended(spec: JobSpec) -> PgoutboxError:
 
 async def job_insert_many(
     conn: AnyConnection, st: Statements, specs: Sequence[JobSpec], *, channel: str | None
-) -> list[tuple[int, datetime, bool]]:
+) -> list[Inserted]:
     """Insert many jobs in one statement, NOTIFYing each queue that got a due job once.
 
     Returns (id, run_at, duplicate) per job, in the order of `specs`. Jobs with a
     unique key take one `job_insert` each, after the statement for the rest.
     """
     plain, keyed = _split_keyed(specs)
-    rows: list[tuple[int, datetime, bool]] = []
-    if plain:
+    if not keyed:
         query, params, uniform = _job_insert_many_query(st, plain, channel)
         # Binary results: ids and timestamps load faster than from text.
         cur = await _execute(conn, query, params, binary=True)
-        rows = _inserted_many(await cur.fetchall(), uniform)
-    if not keyed:
-        return rows
-    by_key = [await job_insert(conn, st, spec, channel=channel) for _, spec in keyed]
+        return _inserted_many(await cur.fetchall(), uniform)
+    # Several statements: on an autocommit connection, one transaction keeps the
+    # batch all or nothing, as one statement would.
+    async with conn.transaction() if conn.autocommit else contextlib.nullcontext():
+        rows: list[Inserted] = []
+        if plain:
+            query, params, uniform = _job_insert_many_query(st, plain, channel)
+            cur = await _execute(conn, query, params, binary=True)
+            rows = _inserted_many(await cur.fetchall(), uniform)
+        by_key = [await job_insert(conn, st, spec, channel=channel) for _, spec in keyed]
     return _merged(len(specs), rows, keyed, by_key)
 
 
 def job_insert_many_sync(
     conn: AnySyncConnection, st: Statements, specs: Sequence[JobSpec], *, channel: str | None
-) -> list[tuple[int, datetime, bool]]:
+) -> list[Inserted]:
     """`job_insert_many` on a sync connection."""
     plain, keyed = _split_keyed(specs)
-    rows: list[tuple[int, datetime, bool]] = []
-    if plain:
-        query, params, uniform = _job_insert_many_query(st, plain, channel)
-        rows = _inserted_many(_execute_sync(conn, query, params, binary=True).fetchall(), uniform)
     if not keyed:
-        return rows
-    by_key = [job_insert_sync(conn, st, spec, channel=channel) for _, spec in keyed]
+        query, params, uniform = _job_insert_many_query(st, plain, channel)
+        return _inserted_many(_execute_sync(conn, query, params, binary=True).fetchall(), uniform)
+    with conn.transaction() if conn.autocommit else contextlib.nullcontext():
+        rows: list[Inserted] = []
+        if plain:
+            query, params, uniform = _job_insert_many_query(st, plain, channel)
+            cur = _execute_sync(conn, query, params, binary=True)
+            rows = _inserted_many(cur.fetchall(), uniform)
+        by_key = [job_insert_sync(conn, st, spec, channel=channel) for _, spec in keyed]
     return _merged(len(specs), rows, keyed, by_key)
 
 
@@ -397,12 +431,12 @@ def _split_keyed(
 
 def _merged(
     count: int,
-    plain_rows: list[tuple[int, datetime, bool]],
+    plain_rows: list[Inserted],
     keyed: list[tuple[int, JobSpec]],
-    keyed_rows: list[tuple[int, datetime, bool]],
-) -> list[tuple[int, datetime, bool]]:
+    keyed_rows: list[Inserted],
+) -> list[Inserted]:
     """The rows of both kinds back in the order of the specs."""
-    merged: list[tuple[int, datetime, bool] | None] = [None] * count
+    merged: list[Inserted | None] = [None] * count
     for (i, _), row in zip(keyed, keyed_rows, strict=True):
         merged[i] = row
     rest = iter(plain_rows)
@@ -567,7 +601,8 @@ async def job_set_outcome_many(
 
 async def job_get(conn: AnyConnection, st: Statements, job_id: int) -> JobRecord | None:
     """One job row, or None."""
-    cur = await _execute(conn, st.job_get, {"id": job_id})
+    with _needs_version(11, "get_job"):
+        cur = await _execute(conn, st.job_get, {"id": job_id})
     r = await cur.fetchone()
     if r is None:
         return None

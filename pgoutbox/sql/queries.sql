@@ -62,11 +62,12 @@ FROM job
 -- name: job_insert_unique
 -- plan: per call
 -- job_insert for a job with a unique key: if an unfinished job holds the key,
--- nothing is written and that job comes back, marked as a duplicate (true).
--- A job that holds the key in a transaction not yet committed makes this wait
--- for it, as any unique index does; if that one commits, its row is not in
--- this statement's snapshot and no row comes back: the caller runs the
--- statement again, in a new snapshot that has it.
+-- nothing is written and that job comes back (its task and queue, which may
+-- be others', and true: a duplicate). A holder not yet committed makes the
+-- insert wait for it, as any unique index does. The holder is looked up by
+-- unique_key_holder in a snapshot taken after the insert, so it is the job
+-- that holds the key now, even if it committed while the insert waited. If it
+-- finished in between, no row comes back, and the caller runs this again.
 -- With `notify`, an inserted job due within `notify_within` seconds NOTIFYs.
 WITH job AS (
     INSERT INTO {schema}.jobs (
@@ -81,20 +82,18 @@ WITH job AS (
     ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL
         AND state IN ('scheduled', 'available', 'retryable', 'running')
     DO NOTHING
-    RETURNING id, run_at
+    RETURNING id, run_at, task, queue
 ), notified AS (
     SELECT pg_notify(%(channel)s, %(queue)s)
     FROM job
     WHERE %(notify)s
       AND job.run_at <= clock_timestamp() + %(notify_within)s::float8 * interval '1 second'
 )
-SELECT id, run_at, false FROM job WHERE (SELECT count(*) FROM notified) >= 0
+SELECT id, run_at, NULL::text, NULL::text FROM job WHERE (SELECT count(*) FROM notified) >= 0
 UNION ALL
-SELECT id, run_at, true
-FROM {schema}.jobs
-WHERE unique_key = %(key)s
-  AND state IN ('scheduled', 'available', 'retryable', 'running')
-  AND NOT EXISTS (SELECT FROM job)
+SELECT h.id, h.run_at, h.task, h.queue
+FROM {schema}.unique_key_holder(%(key)s) AS h
+WHERE NOT EXISTS (SELECT FROM job)
 
 -- name: job_insert_many
 -- The jobs come as one JSON array of objects: encoded by the client in one

@@ -181,3 +181,98 @@ async def test_enqueue_sync_honours_keys(queue: Queue, database_dsn: str) -> Non
     assert [(j.id, j.duplicate) for j in many] == [(first.id, True)]
     assert await count_jobs(queue, "state = 'available'") == 1
     assert (await queue.get_job(first.id)).state is JobState.AVAILABLE  # type: ignore[union-attr]
+
+
+async def test_a_duplicate_is_the_job_that_holds_the_key_with_its_own_task_and_queue(
+    queue: Queue, conn: pgoutbox.Connection[Any]
+) -> None:
+    @queue.task
+    async def charge(order_id: int) -> None: ...
+
+    @queue.task(queue="mail")
+    async def email(order_id: int) -> None: ...
+
+    async with conn.transaction():
+        held = await queue.enqueue(conn, charge.options(key="order:7"), 7)
+        again = await queue.enqueue(conn, email.options(key="order:7"), 7)
+    assert again.duplicate
+    assert (again.id, again.task, again.queue) == (held.id, charge.name, "default")
+
+
+async def test_the_holder_returned_is_the_one_holding_the_key_now(
+    queue: Queue, database_dsn: str
+) -> None:
+    """The holder in the enqueue's snapshot finished, and another took the key,
+    while the enqueue waited: the one holding it now comes back."""
+
+    @queue.task
+    async def charge(order_id: int) -> None: ...
+
+    keyed = charge.options(key="k")
+    jobs = sql.Identifier(queue.schema, "jobs")
+    async with (
+        await pgoutbox.connect(database_dsn, autocommit=True) as admin,
+        await pgoutbox.connect(database_dsn) as taker,
+        await pgoutbox.connect(database_dsn) as producer,
+    ):
+        old = await queue.enqueue(admin, keyed, 1)
+        # The taker finishes the old holder and enqueues a new one, not committed yet.
+        await taker.execute(
+            sql.SQL("UPDATE {} SET state = 'completed', finished_at = now() WHERE id = %s").format(
+                jobs
+            ),
+            [old.id],
+        )
+        new = await queue.enqueue(taker, keyed, 2)
+        found: list[pgoutbox.Job] = []
+
+        async def enqueue() -> None:
+            found.append(await queue.enqueue(producer, keyed, 3))
+            await producer.commit()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(enqueue)  # its snapshot has the old holder, unfinished
+            await _until_waiting_for_a_lock(taker, producer.info.backend_pid)
+            await taker.commit()
+    assert [(j.id, j.duplicate) for j in found] == [(new.id, True)]
+
+
+async def test_enqueue_many_with_keys_on_an_autocommit_connection_is_all_or_nothing(
+    queue: Queue, database_dsn: str
+) -> None:
+    @queue.task
+    async def charge(order_id: int) -> None: ...
+
+    async with (
+        await pgoutbox.connect(database_dsn) as holder,
+        await pgoutbox.connect(database_dsn, autocommit=True) as producer,
+    ):
+        await queue.enqueue(holder, charge.options(key="k"), 0)  # not committed
+        await producer.execute("SET lock_timeout = '100ms'")
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            await queue.enqueue_many(
+                producer, [charge.bind(1), charge.bind(2), charge.options(key="k").bind(3)]
+            )
+        await holder.rollback()
+    assert await count_jobs(queue) == 0
+
+
+async def test_keys_and_get_job_on_a_schema_before_version_11_say_so(
+    queue: Queue, database_dsn: str
+) -> None:
+    @queue.task
+    async def charge(order_id: int) -> None: ...
+
+    async with await pgoutbox.connect(database_dsn, autocommit=True) as conn:
+        job = await queue.enqueue(conn, charge, 1)
+        # What migration 11 added, taken away again.
+        await conn.execute(
+            sql.SQL("ALTER TABLE {} DROP COLUMN unique_key").format(
+                sql.Identifier(queue.schema, "jobs")
+            )
+        )
+        assert not (await queue.enqueue(conn, charge, 2)).duplicate  # no key: fine
+        with pytest.raises(pgoutbox.errors.SchemaError, match="version 11"):
+            await queue.enqueue(conn, charge.options(key="k"), 3)
+    with pytest.raises(pgoutbox.errors.SchemaError, match="version 11"):
+        await queue.get_job(job.id)

@@ -6,3 +6,17 @@ ALTER TABLE {schema}.jobs ADD COLUMN unique_key text;
 CREATE UNIQUE INDEX jobs_unique_key_idx ON {schema}.jobs (unique_key)
     WHERE unique_key IS NOT NULL
       AND state IN ('scheduled', 'available', 'retryable', 'running');
+
+-- The unfinished job holding a key, for an enqueue whose insert found the key
+-- taken. VOLATILE, so that in READ COMMITTED its query takes a snapshot of its
+-- own: the holder may have committed after the enqueue's statement began (it
+-- waited for it), and the job the statement's snapshot shows may be finished.
+CREATE FUNCTION {schema}.unique_key_holder(wanted text)
+RETURNS TABLE (id bigint, run_at timestamptz, task text, queue text)
+LANGUAGE sql VOLATILE
+AS $$
+    SELECT j.id, j.run_at, j.task, j.queue
+    FROM {schema}.jobs AS j
+    WHERE j.unique_key = wanted
+      AND j.state IN ('scheduled', 'available', 'retryable', 'running')
+$$;
