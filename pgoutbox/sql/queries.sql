@@ -60,7 +60,6 @@ SELECT job.id, job.run_at,
 FROM job
 
 -- name: job_insert_unique
--- plan: per call
 -- job_insert for a job with a unique key: if an unfinished job holds the key,
 -- nothing is written and that job comes back (its task and queue, which may
 -- be others', and true: a duplicate). A holder not yet committed makes the

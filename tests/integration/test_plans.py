@@ -100,6 +100,9 @@ async def _run_prepared_statements(conn: psycopg.AsyncConnection[Any], st: State
     ref = TaskRef(name="plans.t")
     await _store.job_insert(conn, st, ref.bind(), channel="plans")
     await _store.job_insert(conn, st, ref.bind(), channel=None)
+    keyed = TaskRef(name="plans.t", key="plans:1")
+    await _store.job_insert(conn, st, keyed.bind(), channel="plans")
+    await _store.job_insert(conn, st, keyed.bind(), channel=None)  # a duplicate
     await _store.job_insert_many(conn, st, [ref.bind(), ref.bind()], channel="plans")
     await _store.job_insert_many(
         conn, st, [ref.bind(), TaskRef(name="plans.t", priority=1).bind()], channel="plans"
@@ -125,6 +128,7 @@ async def _run_prepared_statements(conn: psycopg.AsyncConnection[Any], st: State
     return {
         "job_insert",
         "job_insert_notify",
+        "job_insert_unique",
         "job_insert_many",
         "job_insert_many_uniform",
         "job_claim",
@@ -139,9 +143,6 @@ async def _run_statements_planned_per_call(
 ) -> None:
     worker, claim = str(uuid.uuid4()), str(uuid.uuid4())
     await _store.worker_heartbeat(conn, st, worker_id=worker)
-    keyed = TaskRef(name="plans.t", key="plans:1")
-    await _store.job_insert(conn, st, keyed.bind(), channel="plans")
-    await _store.job_insert(conn, st, keyed.bind(), channel=None)  # a duplicate
     await _store.worker_rescue_expired(conn, st, schema=queue.schema, channel=queue.channel)
     await _store.job_prune(
         conn, st, schema=queue.schema, completed_retention=1, failed_retention=1, limit=10
