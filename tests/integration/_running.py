@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import anyio
+from psycopg import sql
 
 import pgoutbox
 
@@ -110,3 +111,20 @@ def watching_logs(name: str = "pgoutbox") -> Iterator[LogWatcher]:
     finally:
         logger.removeHandler(watcher)
         logger.setLevel(old_level)
+
+
+async def until_waiting_for_a_lock(conn: pgoutbox.Connection[Any], pid: int) -> None:
+    """Wait (on the server, at most 15 s) until backend `pid` waits for a lock.
+
+    The loop runs on the server, where `pg_locks` shows the wait as it happens.
+    """
+    await conn.execute(
+        sql.SQL(
+            "DO $$ BEGIN"
+            " WHILE NOT EXISTS (SELECT FROM pg_locks WHERE pid = {} AND NOT granted) LOOP"
+            " PERFORM pg_sleep(0.005);"
+            " IF clock_timestamp() > statement_timestamp() + interval '15 s' THEN"
+            " RAISE 'backend {} never waited for a lock'; END IF;"
+            " END LOOP; END $$"
+        ).format(sql.Literal(pid), sql.SQL(str(pid)))
+    )

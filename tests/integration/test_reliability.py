@@ -296,13 +296,7 @@ async def test_rescue_skips_a_job_whose_row_another_transaction_holds(
     # The dead worker's exactly-once transaction may still be open on the server
     # (its host vanished): the rescue must not wait for it on the worker's
     # shared connection, but take the job once the row is free.
-    @queue.task
-    async def work(i: int) -> None: ...
-
-    async with conn.transaction():
-        job = await queue.enqueue(conn, work, 1)
-    await _run_under_a_dead_worker(queue, job.id)
-    st = queue.statements
+    job = await _a_job_of_a_dead_worker(queue, conn)
     async with queue.connection() as rescuer, await pgoutbox.connect(queue.conninfo) as holder:
         await holder.execute(
             sql.SQL("SELECT 1 FROM {} WHERE id = %s FOR UPDATE").format(
@@ -312,32 +306,39 @@ async def test_rescue_skips_a_job_whose_row_another_transaction_holds(
         )
         await rescuer.execute("SET statement_timeout = '5s'")
         try:
-            assert await _store.worker_rescue_expired(
-                rescuer, st, schema=queue.schema, channel=queue.channel
-            ) == (1, 0)
+            assert await _rescue(queue, rescuer) == (1, 0)
             await holder.rollback()
-            assert await _store.worker_rescue_expired(
-                rescuer, st, schema=queue.schema, channel=queue.channel
-            ) == (0, 1)
+            assert await _rescue(queue, rescuer) == (0, 1)
         finally:
             await rescuer.execute("RESET statement_timeout")
     assert (await _job(queue, job.id)).state is JobState.RETRYABLE
 
 
+async def _a_job_of_a_dead_worker(queue: Queue, conn: pgoutbox.Connection[Any]) -> pgoutbox.Job:
+    """A job of a new task, `running` (attempt 1) under a worker dead for an hour."""
+
+    @queue.task(name="rescue.work")
+    async def work() -> None: ...
+
+    async with conn.transaction():
+        job = await queue.enqueue(conn, work)
+    await _run_under_a_dead_worker(queue, job.id)
+    return job
+
+
+async def _rescue(queue: Queue, conn: pgoutbox.Connection[Any]) -> tuple[int, int]:
+    return await _store.worker_rescue_expired(
+        conn, queue.statements, schema=queue.schema, channel=queue.channel
+    )
+
+
 async def test_a_rescue_records_when_in_utc_whatever_the_session_time_zone(
     queue: Queue, conn: pgoutbox.Connection[Any]
 ) -> None:
-    @queue.task
-    async def work(i: int) -> None: ...
-
-    async with conn.transaction():
-        job = await queue.enqueue(conn, work, 1)
-    await _run_under_a_dead_worker(queue, job.id)
+    job = await _a_job_of_a_dead_worker(queue, conn)
     async with await pgoutbox.connect(queue.conninfo, autocommit=True) as rescuer:
         await rescuer.execute("SET TimeZone = 'America/St_Johns'")  # -03:30 or -02:30
-        assert await _store.worker_rescue_expired(
-            rescuer, queue.statements, schema=queue.schema, channel=queue.channel
-        ) == (1, 1)
+        assert await _rescue(queue, rescuer) == (1, 1)
     [error] = (await _job(queue, job.id)).errors
     assert error.at.utcoffset() == timedelta(0)
 

@@ -62,6 +62,8 @@ from pgoutbox._job import ClaimedJob, JobError, JobSpec, Outcome
 from pgoutbox._sql import Statements
 from pgoutbox.worker._executor import interrupted
 
+from ._running import until_waiting_for_a_lock
+
 T = TypeVar("T")
 
 QUEUES: Final = ("q1", "q2")
@@ -1079,22 +1081,8 @@ async def test_a_cancel_that_waits_for_a_running_job_cancels_what_its_worker_mad
             else:
                 await _lose(how, queue, worker_conn, job, WORKERS[0])
             tg.start_soon(cancel)
-            await _until_waiting_for_a_lock(worker_conn, producer_conn.info.backend_pid)
+            await until_waiting_for_a_lock(worker_conn, producer_conn.info.backend_pid)
         assert result == [pgoutbox.CancelResult(cancelled=(job_id,), requested=())]
         record = await _store.job_get(worker_conn, queue.statements, job_id)
         assert record is not None
         assert record.state is JobState.CANCELLED
-
-
-async def _until_waiting_for_a_lock(conn: pgoutbox.Connection[Any], pid: int) -> None:
-    """Wait (on the server, at most WAIT_SECONDS) until backend `pid` waits for a lock."""
-    await conn.execute(
-        sql.SQL(
-            "DO $$ BEGIN"
-            " WHILE NOT EXISTS (SELECT FROM pg_locks WHERE pid = {} AND NOT granted) LOOP"
-            " PERFORM pg_sleep(0.005);"
-            " IF clock_timestamp() > statement_timestamp() + interval '15 s' THEN"
-            " RAISE 'backend {} never waited for a lock'; END IF;"
-            " END LOOP; END $$"
-        ).format(sql.Literal(pid), sql.SQL(str(pid)))
-    )

@@ -12,7 +12,7 @@ from psycopg import sql
 import pgoutbox
 from pgoutbox import JobState, Queue, TaskRef
 
-from ._running import count_jobs
+from ._running import count_jobs, until_waiting_for_a_lock
 
 pytestmark = pytest.mark.anyio
 
@@ -99,7 +99,7 @@ async def test_a_key_held_by_an_uncommitted_job_waits_for_that_transaction(
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(enqueue_second)
-            await _until_waiting_for_a_lock(first_conn, second_conn.info.backend_pid)
+            await until_waiting_for_a_lock(first_conn, second_conn.info.backend_pid)
             if outcome == "commit":
                 await first_conn.commit()
             else:
@@ -111,20 +111,6 @@ async def test_a_key_held_by_an_uncommitted_job_waits_for_that_transaction(
         assert job.id != first.id
         assert not job.duplicate
     assert await count_jobs(queue) == 1
-
-
-async def _until_waiting_for_a_lock(conn: pgoutbox.Connection[Any], pid: int) -> None:
-    """Wait (on the server, at most 15 s) until backend `pid` waits for a lock."""
-    await conn.execute(
-        sql.SQL(
-            "DO $$ BEGIN"
-            " WHILE NOT EXISTS (SELECT FROM pg_locks WHERE pid = {} AND NOT granted) LOOP"
-            " PERFORM pg_sleep(0.005);"
-            " IF clock_timestamp() > statement_timestamp() + interval '15 s' THEN"
-            " RAISE 'backend {} never waited for a lock'; END IF;"
-            " END LOOP; END $$"
-        ).format(sql.Literal(pid), sql.SQL(str(pid)))
-    )
 
 
 async def test_enqueue_many_with_keys_keeps_the_order_and_marks_duplicates(
@@ -232,7 +218,7 @@ async def test_the_holder_returned_is_the_one_holding_the_key_now(
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(enqueue)  # its snapshot has the old holder, unfinished
-            await _until_waiting_for_a_lock(taker, producer.info.backend_pid)
+            await until_waiting_for_a_lock(taker, producer.info.backend_pid)
             await taker.commit()
     assert [(j.id, j.duplicate) for j in found] == [(new.id, True)]
 
