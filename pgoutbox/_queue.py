@@ -321,13 +321,14 @@ class Queue:
     async def enqueue_many(
         self, conn: psycopg.AsyncConnection[Any], specs: Iterable[JobSpec], /
     ) -> list[Job]:
-        """Write many jobs in one statement, with one NOTIFY per queue that has a due job
-        (and one more statement per job with a unique key, in one transaction on an
-        autocommit connection).
+        """Write many jobs in one statement, with one NOTIFY per queue that has a due job.
 
         Make the specs with `Task.bind` (validated against the handler) or
         `TaskRef.bind`; tasks and queues may be mixed. Like `enqueue`, this runs
-        on the caller's connection and never opens a transaction.
+        on the caller's connection and leaves its transaction to the caller.
+        Jobs with a unique key take a statement each, after the others: on an
+        autocommit connection, the batch then runs in one transaction of its
+        own, so that it stays all or nothing.
 
         Returns:
             The jobs, in the order of `specs`.

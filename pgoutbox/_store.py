@@ -193,6 +193,8 @@ def _needs_version(version: int, what: str) -> Iterator[None]:
     try:
         yield
     except (psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedFunction) as ex:
+        if "unique_key" not in str(ex):  # not ours: a user's trigger, say
+            raise
         raise SchemaError(
             f"{what} needs pgoutbox schema version {version}: run "
             "`python -m pgoutbox migrate <module>:<queue>` or `await queue.migrate()`"
@@ -334,8 +336,8 @@ async def job_insert(
     conn: AnyConnection, st: Statements, spec: JobSpec, *, channel: str | None
 ) -> Inserted:
     """Insert one job in one statement; with a `channel`, NOTIFY it in the same statement.
-    Returns its id, its run_at, and whether it is an unfinished job that held the
-    spec's unique key (a duplicate: nothing was written).
+    Returns its id and run_at, or, if an unfinished job held the spec's unique
+    key (nothing was written), that job's id and run_at with its task and queue.
 
     One statement keeps the row and its notification atomic even on an
     autocommit connection; in a transaction, both wait for its commit. With a
@@ -345,7 +347,7 @@ async def job_insert(
     meanwhile, writing the job after all).
     """
     query, params = _job_insert_query(st, spec, channel)
-    with _needs_version(11, "a job with a unique key"):
+    with _needs_version(11, "a job with a unique key") if spec.key else contextlib.nullcontext():
         for _ in range(UNIQUE_TRIES):
             row = await (await _execute(conn, query, params)).fetchone()
             if row is not None:
@@ -358,7 +360,7 @@ def job_insert_sync(
 ) -> Inserted:
     """`job_insert` on a sync connection."""
     query, params = _job_insert_query(st, spec, channel)
-    with _needs_version(11, "a job with a unique key"):
+    with _needs_version(11, "a job with a unique key") if spec.key else contextlib.nullcontext():
         for _ in range(UNIQUE_TRIES):
             row = _execute_sync(conn, query, params).fetchone()
             if row is not None:
@@ -379,8 +381,11 @@ async def job_insert_many(
 ) -> list[Inserted]:
     """Insert many jobs in one statement, NOTIFYing each queue that got a due job once.
 
-    Returns (id, run_at, duplicate) per job, in the order of `specs`. Jobs with a
-    unique key take one `job_insert` each, after the statement for the rest.
+    Returns what `job_insert` returns per job, in the order of `specs`. Jobs with
+    a unique key take one `job_insert` each, after the statement for the rest,
+    in the order of their keys (so that two batches never wait for each other's
+    keys in a cycle); on an autocommit connection, in one transaction that this
+    opens and commits, so that the batch stays all or nothing.
     """
     plain, keyed = _split_keyed(specs)
     if not keyed:
@@ -425,7 +430,13 @@ def _split_keyed(
     if all(spec.key is None for spec in specs):
         return list(specs), []
     plain = [spec for spec in specs if spec.key is None]
-    keyed = [(i, spec) for i, spec in enumerate(specs) if spec.key is not None]
+    # In the order of their keys: a batch holds the keys it takes until it
+    # commits, and two batches taking the same keys in different orders would
+    # deadlock. Stable: of two specs with one key, the first is written.
+    keyed = sorted(
+        ((i, spec) for i, spec in enumerate(specs) if spec.key is not None),
+        key=lambda item: item[1].key or "",
+    )
     return plain, keyed
 
 

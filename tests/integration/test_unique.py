@@ -262,3 +262,52 @@ async def test_keys_and_get_job_on_a_schema_before_version_11_say_so(
             await queue.enqueue(conn, charge.options(key="k"), 3)
     with pytest.raises(pgoutbox.errors.SchemaError, match="version 11"):
         await queue.get_job(job.id)
+
+
+async def test_batches_that_share_keys_in_different_orders_do_not_deadlock(
+    queue: Queue, database_dsn: str
+) -> None:
+    # On autocommit connections each batch holds the keys it took until it
+    # commits: taken in spec order, [a, b, c] against [c, b, a] deadlocked.
+    @queue.task
+    async def charge(order_id: int) -> None: ...
+
+    async with (
+        await pgoutbox.connect(database_dsn, autocommit=True) as one,
+        await pgoutbox.connect(database_dsn, autocommit=True) as other,
+    ):
+        for round_ in range(3):
+            keys = [f"{round_}:{k}" for k in "abc"]
+
+            async def batch(conn: pgoutbox.Connection[Any], keys: list[str]) -> None:
+                await queue.enqueue_many(conn, [charge.options(key=k).bind(0) for k in keys])
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(batch, one, keys)
+                tg.start_soon(batch, other, keys[::-1])
+    assert await count_jobs(queue) == 9
+
+
+async def test_an_unrelated_undefined_column_is_not_taken_for_an_old_schema(
+    queue: Queue, database_dsn: str
+) -> None:
+    @queue.task
+    async def charge(order_id: int) -> None: ...
+
+    jobs = sql.Identifier(queue.schema, "jobs")
+    check = sql.Identifier(queue.schema, "check_tenant")
+    async with await pgoutbox.connect(database_dsn, autocommit=True) as conn:
+        await conn.execute(
+            sql.SQL(
+                "CREATE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN PERFORM NEW.tenant_id; RETURN NEW; END $$"
+            ).format(check)
+        )
+        await conn.execute(
+            sql.SQL(
+                "CREATE TRIGGER check_tenant BEFORE INSERT ON {} FOR EACH ROW EXECUTE FUNCTION {}()"
+            ).format(jobs, check)
+        )
+        for task in (charge, charge.options(key="k")):
+            with pytest.raises(psycopg.errors.UndefinedColumn, match="tenant_id"):
+                await queue.enqueue(conn, task, 1)
